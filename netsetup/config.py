@@ -1,0 +1,124 @@
+"""The `[network]` section: how the box sits in the path and what it intercepts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netsetup.configfile import ConfigError, Network, Section, read_toml
+
+# Service name -> (destination port it intercepts, default local port of its proxy).
+SERVICES = {"smtp": (25, 10025), "pop3": (110, 10110)}
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+
+
+def _ifname(value: object) -> str:
+    if not isinstance(value, str) or not _IFNAME.match(value):
+        raise ValueError(f"not an interface name (1-15 letters, digits, '_.@-'): {value!r}")
+    return value
+
+
+def _interface_address(value: object) -> str:
+    """An address with prefix length, as it is put on an interface: '192.0.2.2/24'."""
+    import ipaddress
+
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(f"expected an address with prefix, such as '192.0.2.2/24', got {value!r}")
+    try:
+        ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError(f"not an interface address: {value!r}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class Interception:
+    service: str
+    port: int  # the destination port of the traffic taken
+    listen_port: int  # where the proxy listens for what TPROXY hands it
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    mode: str = "router"
+    bridge: str = "br0"
+    ports: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    intercept: tuple[Interception, ...] = field(default_factory=tuple)
+    ipv6: bool = True
+    spoof_source: bool = True
+    bypass_sources: tuple[Network, ...] = ()
+    bypass_destinations: tuple[Network, ...] = ()
+    # fwmark bit TPROXY sets and the policy rule looks for; the table that routes it to `lo`.
+    mark: int = 0x1
+    route_table: int = 100
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return (4, 6) if self.ipv6 else (4,)
+
+    def listen_port(self, service: str) -> int | None:
+        for item in self.intercept:
+            if item.service == service:
+                return item.listen_port
+        return None
+
+
+def network_from_section(section: Section) -> NetworkConfig:
+    mode = section.choice("mode", ("router", "bridge"), "router")
+    bridge = section.converted("bridge", _ifname, "br0")
+    ports = section.list_of("ports", _ifname)
+    addresses = section.list_of("addresses", _interface_address)
+    services = section.string_list("intercept", ("smtp", "pop3"))
+    listen = section.table("listen")
+    intercept = []
+    for service in services:
+        if service not in SERVICES:
+            section.problem("intercept", f"unknown service {service!r} (known: smtp, pop3)")
+            continue
+        dport, default_listen = SERVICES[service]
+        port = listen.get(service, default_listen)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            section.problem(f"listen.{service}", f"expected a port number, got {port!r}")
+            port = default_listen
+        intercept.append(Interception(service, dport, port))
+    for key in listen:
+        if key not in SERVICES:
+            section.problem(f"listen.{key}", "unknown service (known: smtp, pop3)")
+    config = NetworkConfig(
+        mode=mode,
+        bridge=bridge,
+        ports=ports,
+        addresses=addresses,
+        intercept=tuple(intercept),
+        ipv6=section.boolean("ipv6", True),
+        spoof_source=section.boolean("spoof_source", True),
+        bypass_sources=section.networks("bypass_sources"),
+        bypass_destinations=section.networks("bypass_destinations"),
+        mark=section.integer("mark", 0x1, 1, 0x7FFFFFFF),
+        route_table=section.integer("route_table", 100, 1, 0xFFFFFFF0),
+    )
+    if mode == "bridge" and len(config.ports) < 2:
+        section.problem("ports", "bridge mode needs at least two member interfaces")
+    if mode == "router" and config.ports:
+        section.problem("ports", "only used in bridge mode (mode = \"bridge\")")
+    if not config.ipv6:
+        for key, nets in (("bypass_sources", config.bypass_sources),
+                          ("bypass_destinations", config.bypass_destinations)):
+            if any(n.version == 6 for n in nets):
+                section.problem(key, "holds an IPv6 network but ipv6 = false")
+    return config
+
+
+def load_network_config(path: Path) -> NetworkConfig:
+    """Read and check [network] only; other sections are left to their own loaders."""
+    data: dict[str, Any] = read_toml(path)
+    section = Section(path, "network", data.get("network"))
+    config = network_from_section(section)
+    problems = section.finish()
+    if problems:
+        raise ConfigError(problems)
+    return config

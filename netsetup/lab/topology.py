@@ -1,0 +1,345 @@
+"""A lab of network namespaces: a sender host, a gateway host and server hosts.
+
+Router mode: the sender (192.0.2.0/24, 2001:db8:1::/64) and each server (198.51.100.0/24,
+2001:db8:2::/64; a second one 203.0.113.0/24, 2001:db8:3::/64) sit on their own links and the
+gateway routes between them. Bridge mode: sender and servers share 192.0.2.0/24 and
+2001:db8:1::/64 and the gateway bridges its ports (`eth0` towards the sender, `eth1`... towards
+the servers) without an address of its own.
+
+Only documentation ranges are used and no namespace has a link to the host's own interfaces,
+so nothing a test sends can leave the lab. Every namespace gets its own resolv.conf pointing at
+loopback (where nothing answers), so a peer that tries to look up a name fails at once instead
+of asking the host's resolver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+NETNS_PREFIX = "mglab-"
+REGISTRY_DIR = Path("/run/mailgate-lab")
+NETNS_ETC = Path("/etc/netns")
+
+
+class LabError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Host:
+    role: str  # "sender", "gateway", "server", "server2"
+    netns: str
+    ipv4: str | None  # the host's address on the lab link, without prefix
+    ipv6: str | None
+    interfaces: tuple[str, ...] = ()
+
+
+@dataclass
+class _Plan:
+    """Addresses of one lab, derived from its mode."""
+
+    mode: str
+    hosts: list[Host] = field(default_factory=list)
+
+
+ROUTER_SUBNETS = [
+    # (v4 prefix, v6 prefix) per link; the gateway is .1 / ::1 on each.
+    ("192.0.2", "2001:db8:1:"),
+    ("198.51.100", "2001:db8:2:"),
+    ("203.0.113", "2001:db8:3:"),
+]
+SENDER_HOST = 10
+SERVER_HOSTS = (25, 26)
+GATEWAY_HOST = 1
+
+
+def _run(argv: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(argv), capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: {result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+class Lab:
+    """Create with `Lab(mode)`, then `up()`; `down()` removes every trace, also after failures.
+
+    Use as a context manager in tests: the namespaces and every process inside them are gone
+    when the block exits, however it exits.
+    """
+
+    def __init__(self, mode: str = "router", name: str | None = None, servers: int = 1,
+                 make_bridge: bool = True) -> None:
+        if mode not in ("router", "bridge"):
+            raise LabError(f"unknown lab mode {mode!r} (router or bridge)")
+        if not 1 <= servers <= 2:
+            raise LabError("a lab has one or two server hosts")
+        self.mode = mode
+        self.name = name or secrets.token_hex(3)
+        if not self.name.isalnum() or len(self.name) > 8:
+            raise LabError(f"lab name must be 1-8 letters or digits: {self.name!r}")
+        self.servers = servers
+        self.make_bridge = make_bridge
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self.hosts = self._addresses()
+
+    # --- description -----------------------------------------------------------------------
+
+    def _ns(self, role: str) -> str:
+        return f"{NETNS_PREFIX}{self.name}-{role}"
+
+    def _addresses(self) -> dict[str, Host]:
+        hosts: dict[str, Host] = {}
+        server_roles = ["server", "server2"][: self.servers]
+        gw_ifaces = tuple(f"eth{i}" for i in range(1 + self.servers))
+        if self.mode == "router":
+            v4, v6 = ROUTER_SUBNETS[0]
+            hosts["sender"] = Host("sender", self._ns("sender"), f"{v4}.{SENDER_HOST}",
+                                   f"{v6}:{SENDER_HOST}", ("eth0",))
+            for index, role in enumerate(server_roles):
+                v4, v6 = ROUTER_SUBNETS[index + 1]
+                host = SERVER_HOSTS[0]
+                hosts[role] = Host(role, self._ns(role), f"{v4}.{host}", f"{v6}:{host}", ("eth0",))
+            hosts["gateway"] = Host("gateway", self._ns("gateway"), None, None, gw_ifaces)
+        else:
+            v4, v6 = ROUTER_SUBNETS[0]
+            hosts["sender"] = Host("sender", self._ns("sender"), f"{v4}.{SENDER_HOST}",
+                                   f"{v6}:{SENDER_HOST}", ("eth0",))
+            for index, role in enumerate(server_roles):
+                host = SERVER_HOSTS[index]
+                hosts[role] = Host(role, self._ns(role), f"{v4}.{host}", f"{v6}:{host}", ("eth0",))
+            hosts["gateway"] = Host("gateway", self._ns("gateway"), None, None, gw_ifaces)
+        return hosts
+
+    @property
+    def sender(self) -> Host:
+        return self.hosts["sender"]
+
+    @property
+    def gateway(self) -> Host:
+        return self.hosts["gateway"]
+
+    @property
+    def server(self) -> Host:
+        return self.hosts["server"]
+
+    @property
+    def bridge_ports(self) -> tuple[str, ...]:
+        return self.gateway.interfaces
+
+    def gateway_address(self, role: str = "sender", family: int = 4) -> str:
+        """The gateway's address facing `role` (router mode), or its management address
+        on the bridge (bridge mode, as `bridge_management_addresses` gives it)."""
+        if self.mode == "router":
+            index = 0 if role == "sender" else (1 if role == "server" else 2)
+            v4, v6 = ROUTER_SUBNETS[index]
+            return f"{v4}.{GATEWAY_HOST}" if family == 4 else f"{v6}:{GATEWAY_HOST}"
+        v4, v6 = ROUTER_SUBNETS[0]
+        return f"{v4}.2" if family == 4 else f"{v6}:2"
+
+    def bridge_management_addresses(self) -> tuple[str, str]:
+        v4, v6 = ROUTER_SUBNETS[0]
+        return (f"{v4}.2/24", f"{v6}:2/64")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "hosts": {role: asdict(host) for role, host in self.hosts.items()},
+        }
+
+    # --- building ---------------------------------------------------------------------------
+
+    def up(self) -> Lab:
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _build(self) -> None:
+        REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
+        (REGISTRY_DIR / f"{self.name}.json").write_text(json.dumps(self.describe(), indent=2))
+        for host in self.hosts.values():
+            _run(["ip", "netns", "add", host.netns])
+            etc = NETNS_ETC / host.netns
+            etc.mkdir(parents=True, exist_ok=True)
+            # Loopback, where nothing listens: a stray lookup fails at once, nothing leaves.
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+            (etc / "hosts").write_text(self._hosts_file())
+            self.ip(host, "link", "set", "lo", "up")
+            # Duplicate address detection would hold every IPv6 address back for a second or two.
+            self.sysctl(host, "net.ipv6.conf.all.accept_dad", "0")
+            self.sysctl(host, "net.ipv6.conf.default.accept_dad", "0")
+            self.sysctl(host, "net.ipv6.conf.default.accept_ra", "0")
+        gw = self.gateway
+        peers = [self.sender] + [self.hosts[r] for r in ("server", "server2") if r in self.hosts]
+        for index, peer in enumerate(peers):
+            # Created straight inside the namespaces: the host's own namespace never sees them.
+            _run(["ip", "link", "add", f"eth{index}", "netns", gw.netns, "type", "veth",
+                  "peer", "name", "eth0", "netns", peer.netns])
+            self.ip(peer, "link", "set", "eth0", "up")
+            self.ip(gw, "link", "set", f"eth{index}", "up")
+            self.ip(peer, "addr", "add", f"{peer.ipv4}/24", "dev", "eth0")
+            self.ip(peer, "-6", "addr", "add", f"{peer.ipv6}/64", "dev", "eth0", "nodad")
+        if self.mode == "router":
+            self.sysctl(gw, "net.ipv4.ip_forward", "1")
+            self.sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
+            for index, peer in enumerate(peers):
+                v4, v6 = ROUTER_SUBNETS[index]
+                self.ip(gw, "addr", "add", f"{v4}.{GATEWAY_HOST}/24", "dev", f"eth{index}")
+                self.ip(gw, "-6", "addr", "add", f"{v6}:{GATEWAY_HOST}/64", "dev", f"eth{index}",
+                        "nodad")
+                # Routes only to the other lab subnets, never a default route.
+                for other, (ov4, ov6) in enumerate(ROUTER_SUBNETS[: len(peers)]):
+                    if other == index:
+                        continue
+                    self.ip(peer, "route", "add", f"{ov4}.0/24", "via", f"{v4}.{GATEWAY_HOST}")
+                    self.ip(peer, "-6", "route", "add", f"{ov6}:/64", "via",
+                            f"{v6}:{GATEWAY_HOST}")
+        elif self.make_bridge:
+            self.ip(gw, "link", "add", "br0", "type", "bridge", "forward_delay", "0",
+                    "stp_state", "0")
+            for index in range(len(peers)):
+                self.ip(gw, "link", "set", f"eth{index}", "master", "br0")
+            self.ip(gw, "link", "set", "br0", "up")
+        self.wait_reachable()
+
+    def _hosts_file(self) -> str:
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        for role, host in self.hosts.items():
+            if host.ipv4:
+                lines.append(f"{host.ipv4} {role}.lab.example {role}")
+            if host.ipv6:
+                lines.append(f"{host.ipv6} {role}.lab.example {role}")
+        return "\n".join(lines) + "\n"
+
+    def wait_reachable(self, timeout: float = 5.0) -> None:
+        """Links come up asynchronously; wait until the veth carriers are on."""
+        deadline = time.monotonic() + timeout
+        for host in self.hosts.values():
+            for iface in host.interfaces:
+                while True:
+                    out = self.ip(host, "-j", "link", "show", iface, check=False).stdout
+                    if '"operstate":"UP"' in out.replace(" ", "") or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+
+    # --- using ------------------------------------------------------------------------------
+
+    def ip(self, host: Host, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run(["ip", "-n", host.netns, *args], check=check)
+
+    def sysctl(self, host: Host, key: str, value: str) -> None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        self.run(host, ["sh", "-c", f"echo {value} > {path}"])
+
+    def command(self, host: Host, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", host.netns, *argv]
+
+    def run(self, host: Host, argv: Sequence[str], check: bool = True,
+            timeout: float | None = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """Run a program in a host and wait for it; output captured as text."""
+        return _run(self.command(host, argv), check=check, timeout=timeout, **kwargs)
+
+    def spawn(self, host: Host, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start a program in a host; it is killed at `down()` if still running."""
+        kwargs.setdefault("start_new_session", True)
+        process = subprocess.Popen(self.command(host, argv), **kwargs)
+        self._processes.append(process)
+        return process
+
+    # --- removing ---------------------------------------------------------------------------
+
+    def down(self) -> None:
+        for process in self._processes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                process.wait(timeout=5)
+        self._processes.clear()
+        remove_namespaces([h.netns for h in self.hosts.values()])
+        with contextlib.suppress(FileNotFoundError):
+            (REGISTRY_DIR / f"{self.name}.json").unlink()
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def _netns_pids(netns: str) -> list[int]:
+    out = _run(["ip", "netns", "pids", netns], check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def remove_namespaces(names: Sequence[str]) -> None:
+    """Kill every process inside, then delete the namespaces and their /etc/netns files."""
+    existing = set(list_lab_namespaces(prefix=""))
+    for _attempt in range(50):
+        pids = [pid for ns in names if ns in existing for pid in _netns_pids(ns)]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    for ns in names:
+        if ns in existing:
+            _run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+
+
+def list_lab_namespaces(prefix: str = NETNS_PREFIX) -> list[str]:
+    out = _run(["ip", "netns", "list"], check=False).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(prefix)]
+
+
+def running_labs() -> dict[str, list[str]]:
+    """Lab name -> its namespaces, for every lab namespace present."""
+    labs: dict[str, list[str]] = {}
+    for ns in list_lab_namespaces():
+        name = ns[len(NETNS_PREFIX):].split("-", 1)[0]
+        labs.setdefault(name, []).append(ns)
+    return labs
+
+
+def remove_all_labs() -> list[str]:
+    removed = []
+    for name, namespaces in running_labs().items():
+        remove_namespaces(namespaces)
+        removed.append(name)
+    if REGISTRY_DIR.exists():
+        for entry in REGISTRY_DIR.glob("*.json"):
+            entry.unlink(missing_ok=True)
+    return removed
+
+
+def load_lab(name: str) -> Lab:
+    """A handle on a lab brought up by another process (the CLI), from its registry file."""
+    path = REGISTRY_DIR / f"{name}.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LabError(f"no lab named {name!r} (see 'mailgate lab status')") from None
+    lab = Lab(data["mode"], name=name, servers=len([r for r in data["hosts"] if r.startswith("server")]))
+    return lab
+
+
+@contextlib.contextmanager
+def lab(mode: str = "router", **kwargs: Any) -> Iterator[Lab]:
+    with Lab(mode, **kwargs) as built:
+        yield built
