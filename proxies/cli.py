@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from netsetup.configfile import DEFAULT_CONFIG_PATH, ConfigError
 from netsetup.lab import cli as lab_cli
+from proxies import tcprelay
+from proxies.queue import cli as queue_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -22,12 +26,37 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Try 'mailgate demo' for a guided tour in a throwaway lab.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run", help="run the proxies in the foreground (systemd style)",
+        description=(
+            "Run the SMTP proxy (and the other configured proxies) in the foreground: logs go "
+            "to stderr, SIGTERM stops cleanly, readiness is reported to systemd (sd_notify). "
+            "The network must be set up first with 'netsetup apply'."
+        ))
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                     help=f"the TOML config file (default: {DEFAULT_CONFIG_PATH})")
+    run.set_defaults(handler=_run)
     lab_cli.add_commands(commands)
+    queue_cli.add_commands(commands)
+    tcprelay.add_commands(commands)
     demo = commands.add_parser(
         "demo", help="bring up a lab, show interception working, and clean up",
         description="A guided tour in a throwaway lab: needs root; changes nothing outside it.")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxies.config import load_config
+    from proxies.run import run
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mailgate: {problem}", file=sys.stderr)
+        return 2
+    return run(config)
 
 
 def _demo(args: argparse.Namespace) -> int:

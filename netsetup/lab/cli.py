@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         if args.lab_command == "down":
             if args.all:
                 removed = remove_all_labs()
-                print(f"removed {len(removed)} lab(s)" + (f": {', '.join(removed)}" if removed else ""))
+                names = f": {', '.join(removed)}" if removed else ""
+                print(f"removed {len(removed)} lab(s){names}")
                 return 0
             if not args.name:
                 print("mailgate lab down: name a lab, or use --all")

@@ -64,7 +64,8 @@ SERVER_HOSTS = (25, 26)
 GATEWAY_HOST = 1
 
 
-def _run(argv: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def _run(argv: Sequence[str], check: bool = True,
+         **kwargs: Any) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(list(argv), capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise LabError(f"{' '.join(argv)}: {result.stderr.strip() or result.stdout.strip()}")
@@ -335,8 +336,8 @@ def load_lab(name: str) -> Lab:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise LabError(f"no lab named {name!r} (see 'mailgate lab status')") from None
-    lab = Lab(data["mode"], name=name, servers=len([r for r in data["hosts"] if r.startswith("server")]))
-    return lab
+    servers = len([role for role in data["hosts"] if role.startswith("server")])
+    return Lab(data["mode"], name=name, servers=servers)
 
 
 @contextlib.contextmanager

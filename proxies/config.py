@@ -1,0 +1,168 @@
+"""The whole config file as typed, frozen data, checked once at load.
+
+`load_config(path)` reads every section and reports every problem together, each with file and
+key; nothing else in the program looks at raw TOML.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netsetup.config import NetworkConfig, network_from_section
+from netsetup.configfile import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    Network,
+    Problem,
+    Section,
+    parse_hostport,
+    read_toml,
+)
+
+__all__ = ["DEFAULT_CONFIG_PATH", "Config", "ConfigError", "SmtpConfig", "load_config"]
+
+
+def _domain(value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or " " in value or "@" in value:
+        raise ValueError(f"not a domain name: {value!r}")
+    # Matching is case-insensitive and ignores a trailing dot (RFC 5321 2.4, RFC 1035 3.1).
+    return value.strip().lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    enabled: bool = True
+    listen_port: int = 10025
+    hostname: str = field(default_factory=socket.gethostname)
+    relay_domains: tuple[str, ...] = ()
+    relay_networks: tuple[Network, ...] = ()
+    transport: tuple[tuple[str, tuple[str, int]], ...] = ()
+    # Where mail goes when the connection was not intercepted and no transport entry matches;
+    # None means the recipient domain's MX.
+    next_hop: tuple[str, int] | None = None
+    queue_dir: Path = Path("/var/spool/mailgate")
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 1000
+    max_connections: int = 200
+    max_connections_per_client: int = 50
+    # RFC 5321 4.5.3.2.7: a server waits at least 5 minutes for the next command.
+    command_timeout: float = 300.0
+    # RFC 5321 4.5.3.2.5/6: 3 minutes per data block, 10 minutes for the final dot.
+    data_timeout: float = 600.0
+    bare_line_endings: str = "reject"
+    tls: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Postfix's defaults: minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime.
+    retry_min: float = 300.0
+    retry_max: float = 4000.0
+    queue_lifetime: float = 5 * 86400.0
+    queue_scan_interval: float = 60.0
+    connect_timeout: float = 30.0
+    delivery_timeout: float = 300.0
+    delivery_concurrency: int = 20
+    workers: int = 1
+
+    def transport_for(self, domain: str) -> tuple[str, int] | None:
+        domain = domain.lower().rstrip(".")
+        for entry, hop in self.transport:
+            if domain == entry or (entry.startswith(".") and domain.endswith(entry)):
+                return hop
+        return None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    network: NetworkConfig
+    smtp: SmtpConfig
+    log: LogConfig
+
+
+def _smtp_from_section(section: Section) -> SmtpConfig:
+    defaults = SmtpConfig()
+    transport_table = section.table("transport")
+    transport: list[tuple[str, tuple[str, int]]] = []
+    for domain, hop in transport_table.items():
+        try:
+            transport.append((_domain(domain), parse_hostport(hop)))
+        except ValueError as exc:
+            section.problem(f"transport.{domain}", str(exc))
+    next_hop = section.converted("next_hop", parse_hostport, None)
+    tls_cert = section.converted("tls_cert", lambda v: Path(str(v)), None)
+    tls_key = section.converted("tls_key", lambda v: Path(str(v)), None)
+    if (tls_cert is None) != (tls_key is None):
+        section.problem("tls_cert", "tls_cert and tls_key go together")
+    config = SmtpConfig(
+        enabled=section.boolean("enabled", True),
+        listen_port=section.port("listen", defaults.listen_port),
+        hostname=section.string("hostname", defaults.hostname),
+        relay_domains=section.list_of("relay_domains", _domain),
+        relay_networks=section.networks("relay_networks"),
+        transport=tuple(transport),
+        next_hop=next_hop,
+        queue_dir=Path(section.string("queue_dir", str(defaults.queue_dir))),
+        max_message_size=section.size("max_message_size", defaults.max_message_size),
+        max_recipients=section.integer("max_recipients", defaults.max_recipients, 1),
+        max_connections=section.integer("max_connections", defaults.max_connections, 1),
+        max_connections_per_client=section.integer(
+            "max_connections_per_client", defaults.max_connections_per_client, 1),
+        command_timeout=section.duration("command_timeout", defaults.command_timeout),
+        data_timeout=section.duration("data_timeout", defaults.data_timeout),
+        bare_line_endings=section.choice("bare_line_endings", ("reject", "normalise"), "reject"),
+        tls=section.boolean("tls", True),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        retry_min=section.duration("retry_min", defaults.retry_min),
+        retry_max=section.duration("retry_max", defaults.retry_max),
+        queue_lifetime=section.duration("queue_lifetime", defaults.queue_lifetime),
+        queue_scan_interval=section.duration("queue_scan_interval", defaults.queue_scan_interval),
+        connect_timeout=section.duration("connect_timeout", defaults.connect_timeout),
+        delivery_timeout=section.duration("delivery_timeout", defaults.delivery_timeout),
+        delivery_concurrency=section.integer(
+            "delivery_concurrency", defaults.delivery_concurrency, 1, 1000),
+        workers=section.integer("workers", defaults.workers, 1, 64),
+    )
+    if config.retry_min > config.retry_max:
+        section.problem("retry_min", "must not be larger than retry_max")
+    if config.max_message_size < 1024:
+        section.problem("max_message_size", "must be at least 1024 bytes")
+    return config
+
+
+def _log_from_section(section: Section) -> LogConfig:
+    return LogConfig(
+        level=section.choice("level", ("debug", "info", "warning", "error"), "info"),
+        format=section.choice("format", ("text", "json"), "text"),
+    )
+
+
+def config_from_data(path: Path, data: dict[str, Any]) -> Config:
+    sections = {
+        name: Section(path, name, data.get(name)) for name in ("network", "smtp", "log")
+    }
+    config = Config(
+        path=path,
+        network=network_from_section(sections["network"]),
+        smtp=_smtp_from_section(sections["smtp"]),
+        log=_log_from_section(sections["log"]),
+    )
+    problems: list[Problem] = []
+    for section in sections.values():
+        problems += section.finish()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
+    return config_from_data(path, read_toml(path))

@@ -1,0 +1,198 @@
+"""Onward delivery: the scheduler that takes due messages from the queue, and the asyncio
+driver that runs the sans-I/O SMTP client over a (possibly source-spoofed) connection.
+
+The scheduler is the only place that decides when a message is tried; the queue decides what
+an attempt's replies mean (delivered, deferred with backoff, bounced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+
+from proxies import logs
+from proxies.config import SmtpConfig
+from proxies.queue import ClaimedMessage, DeliveryResult, Queue
+from proxies.smtp import client as smtp_client
+from proxies.smtp.nexthop import NextHop, NoRoute, resolve_next_hop
+from proxies.transparent import open_onward
+
+
+class DeliveryAgent:
+    def __init__(self, config: SmtpConfig, queue: Queue, *, spoof_source: bool,
+                 tls_context: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.queue = queue
+        self.spoof_source = spoof_source
+        self.tls_context = tls_context
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.delivery_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: set[str] = set()
+        self._stopping = False
+
+    def wake(self, queue_id: str | None = None) -> None:
+        """Called when a message was queued or the queue changed on disk (flush, release)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            for queue_id in self.queue.due():
+                if self._stopping:
+                    break
+                if queue_id in self._in_flight:
+                    continue
+                await self._slots.acquire()
+                # claim() reads the file and record_attempt() fsyncs: off the event loop.
+                claimed = await asyncio.to_thread(self.queue.claim, queue_id)
+                if claimed is None:
+                    self._slots.release()
+                    continue
+                self._in_flight.add(queue_id)
+                task = asyncio.create_task(self._deliver(claimed), name=f"deliver-{queue_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            next_due = self.queue.next_due_time()
+            delay = self.config.queue_scan_interval
+            if next_due is not None:
+                delay = max(0.0, min(delay, next_due - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking messages; let attempts under way finish for `grace` seconds. A message
+        whose attempt is cut off stays in the queue (recovery puts it back)."""
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+
+    async def _deliver(self, claimed: ClaimedMessage) -> None:
+        queue_id = claimed.queue_id
+        try:
+            results = await self._attempt(claimed)
+            outcome = await asyncio.to_thread(self.queue.record_attempt, queue_id, results)
+            logs.event("delivery_attempt_done", qid=queue_id, outcome=str(outcome))
+            if outcome.bounced:
+                logs.event("bounced", qid=queue_id, rcpts=",".join(outcome.bounced),
+                           dsn=outcome.dsn_id or "none (null sender)")
+            if outcome.dsn_id:
+                self.wake()
+        except asyncio.CancelledError:
+            self.queue.release_claim(queue_id)
+            raise
+        except Exception as exc:  # a bug: keep the message, log, and try again later
+            logs.error("delivery_internal_error", qid=queue_id, exc_info=True, error=repr(exc))
+            await asyncio.to_thread(self.queue.record_attempt, queue_id, {
+                rcpt: DeliveryResult(451, f"4.3.0 internal error: {exc!r}")
+                for rcpt in claimed.pending})
+        finally:
+            self._in_flight.discard(queue_id)
+            self._slots.release()
+
+    async def _attempt(self, claimed: ClaimedMessage) -> dict[str, DeliveryResult]:
+        envelope = claimed.envelope
+        by_domain: dict[str, list[str]] = defaultdict(list)
+        for rcpt in claimed.pending:
+            by_domain[rcpt.rpartition("@")[2].lower()].append(rcpt)
+        results: dict[str, DeliveryResult] = {}
+        # An intercepted message has one destination, whatever its recipients' domains.
+        groups: Mapping[str, list[str]] = (
+            {"": list(claimed.pending)} if envelope.original_destination else by_domain)
+        for domain, rcpts in groups.items():
+            try:
+                hop = await resolve_next_hop(self.config, domain, envelope.original_destination,
+                                             envelope.client_address, self.spoof_source)
+            except NoRoute as exc:
+                code = 550 if exc.permanent else 451
+                status = "5.1.2" if exc.permanent else "4.4.3"
+                for rcpt in rcpts:
+                    results[rcpt] = DeliveryResult(code, f"{status} {exc}", connected=False)
+                continue
+            results.update(await self._send_to_hop(claimed, hop, rcpts))
+        return results
+
+    async def _send_to_hop(self, claimed: ClaimedMessage, hop: NextHop,
+                           rcpts: list[str]) -> dict[str, DeliveryResult]:
+        last_error = "no address to try"
+        for address in hop.addresses:
+            try:
+                reader, writer = await open_onward(
+                    address, source=hop.spoof_source, timeout=self.config.connect_timeout)
+            except OSError as exc:
+                last_error = f"connect to {_hostport(address)}: {exc.strerror or exc}"
+                logs.event("delivery_connect_failed", qid=claimed.queue_id,
+                           relay=_hostport(address), error=last_error)
+                continue
+            try:
+                return await self._run_session(claimed, hop, address, rcpts, reader, writer)
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 5)
+        return {rcpt: DeliveryResult(451, f"4.4.1 {last_error}", connected=False)
+                for rcpt in rcpts}
+
+    async def _run_session(self, claimed: ClaimedMessage, hop: NextHop,
+                           address: tuple[str, int], rcpts: list[str],
+                           reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> dict[str, DeliveryResult]:
+        envelope = claimed.envelope
+        content = claimed.read_content()
+        session = smtp_client.ClientSession(
+            self.config.hostname, envelope.sender, rcpts, len(content),
+            eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
+            tls="opportunistic" if self.tls_context is not None else "never",
+        )
+        relay = _hostport(address)
+        timeout = self.config.delivery_timeout
+        try:
+            while True:
+                # The session decides what to send while it digests replies, so ask for an
+                # event first and flush what it queued before waiting (this also sends QUIT
+                # after the final event).
+                event = session.next_event()
+                outgoing = session.data_to_send()
+                if outgoing:
+                    writer.write(outgoing)
+                    await asyncio.wait_for(writer.drain(), timeout)
+                if isinstance(event, smtp_client.NeedData):
+                    session.receive_data(await asyncio.wait_for(reader.read(65536), timeout))
+                elif isinstance(event, smtp_client.ReadyForContent):
+                    session.send_content(content)
+                elif isinstance(event, smtp_client.StartTls):
+                    assert self.tls_context is not None
+                    await writer.start_tls(self.tls_context)
+                    session.tls_established()
+                elif isinstance(event, smtp_client.Finished):
+                    out = {}
+                    for rcpt, reply in event.results.items():
+                        out[rcpt] = DeliveryResult(reply.code, str(reply)[4:], connected=True)
+                        logs.event("delivery", qid=claimed.queue_id, rcpt=rcpt, relay=relay,
+                                   via=hop.source, reply=str(reply),
+                                   spoofed=hop.spoof_source or "-")
+                    return out
+                elif isinstance(event, smtp_client.Failed):
+                    logs.event("delivery_failed", qid=claimed.queue_id, relay=relay,
+                               stage=event.stage, reply=str(event.reply))
+                    return {rcpt: DeliveryResult(event.reply.code, str(event.reply)[4:],
+                                                 connected=True) for rcpt in rcpts}
+        except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
+            text = "timeout" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            logs.event("delivery_connection_lost", qid=claimed.queue_id, relay=relay, error=text)
+            return {rcpt: DeliveryResult(451, f"4.4.2 {relay}: {text}", connected=True)
+                    for rcpt in rcpts}
+
+
+def _hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
