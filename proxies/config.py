@@ -21,6 +21,8 @@ from netsetup.configfile import (
     parse_hostport,
     read_toml,
 )
+from proxies.pop3.config import Pop3Config, pop3_from_section
+from proxies.scan.config import ScanConfig, scan_from_sections
 
 __all__ = ["DEFAULT_CONFIG_PATH", "Config", "ConfigError", "SmtpConfig", "load_config"]
 
@@ -85,6 +87,8 @@ class Config:
     path: Path
     network: NetworkConfig
     smtp: SmtpConfig
+    pop3: Pop3Config
+    scan: ScanConfig
     log: LogConfig
 
 
@@ -148,12 +152,15 @@ def _log_from_section(section: Section) -> LogConfig:
 
 def config_from_data(path: Path, data: dict[str, Any]) -> Config:
     sections = {
-        name: Section(path, name, data.get(name)) for name in ("network", "smtp", "log")
+        name: Section(path, name, data.get(name))
+        for name in ("network", "smtp", "pop3", "scan", "policy", "quarantine", "log")
     }
     config = Config(
         path=path,
         network=network_from_section(sections["network"]),
         smtp=_smtp_from_section(sections["smtp"]),
+        pop3=pop3_from_section(sections["pop3"]),
+        scan=scan_from_sections(sections["scan"], sections["policy"], sections["quarantine"]),
         log=_log_from_section(sections["log"]),
     )
     problems: list[Problem] = []

@@ -15,8 +15,9 @@ import socket
 
 from proxies import logs, sdnotify
 from proxies.config import Config
-from proxies.filtering import MessageFilter, NoFilter
+from proxies.filtering import MessageFilter
 from proxies.queue import Queue
+from proxies.scan.filter import build_filter, build_scanner
 from proxies.smtp.delivery import DeliveryAgent
 from proxies.smtp.server import GatewayHandler, SmtpFrontEnd
 from proxies.tls import client_context, ensure_self_signed, server_context
@@ -51,9 +52,16 @@ async def serve(config: Config, message_filter: MessageFilter | None = None) -> 
                      "neither offered to clients nor used towards servers")
     agent = DeliveryAgent(smtp, queue, spoof_source=config.network.spoof_source,
                           tls_context=client_context() if smtp.tls else None)
-    handler = GatewayHandler(smtp, queue, message_filter or NoFilter(), on_queued=agent.wake)
+    if message_filter is None:
+        message_filter = build_filter(config.scan)
+    handler = GatewayHandler(smtp, queue, message_filter, on_queued=agent.wake)
     front = SmtpFrontEnd(smtp, handler, tls_server)
     await front.start(smtp_listeners(config))
+    pop3 = None
+    if config.pop3.enabled:
+        from proxies.pop3.service import start_pop3
+
+        pop3 = await start_pop3(config, build_scanner(config.scan))
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -76,6 +84,8 @@ async def serve(config: Config, message_filter: MessageFilter | None = None) -> 
     sdnotify.notify("STOPPING=1")
     logs.event("stopping")
     await front.stop()
+    if pop3 is not None:
+        await pop3.stop()
     await agent.stop(STOP_GRACE)
     delivery.cancel()
     stopped.cancel()

@@ -1,0 +1,27 @@
+"""What a content scan says about a message, shared by the SMTP filter and the POP3 proxy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Verdict = Literal["clean", "spam", "virus", "banned", "failed"]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    verdict: Verdict
+    # Spam: the score and the threshold it was compared with, and the rules that fired.
+    score: float | None = None
+    threshold: float | None = None
+    rules: tuple[str, ...] = ()
+    # Virus: the name the scanner gave (e.g. "Eicar-Test-Signature.UNOFFICIAL").
+    virus: str | None = None
+    # Banned or failed: why, in words for logs, replies and notices.
+    reason: str = ""
+    # Which scanners looked at it, for the X-Mailgate-Scan header.
+    scanners: tuple[str, ...] = field(default_factory=tuple)
+
+
+class ContentScanner(Protocol):
+    async def scan(self, content: bytes) -> ScanResult: ...
