@@ -52,6 +52,9 @@ class NetworkConfig:
     spoof_source: bool = True
     bypass_sources: tuple[Network, ...] = ()
     bypass_destinations: tuple[Network, ...] = ()
+    # Bridge mode: subnets on the bridged segment the gateway routes to `dev <bridge>` so the proxy
+    # can answer clients and reach servers when the bridge has no address in them.
+    bridged_networks: tuple[Network, ...] = ()
     # fwmark bit TPROXY sets and the policy rule looks for; the table that routes it to `lo`.
     mark: int = 0x1
     route_table: int = 100
@@ -98,19 +101,51 @@ def network_from_section(section: Section) -> NetworkConfig:
         spoof_source=section.boolean("spoof_source", True),
         bypass_sources=section.networks("bypass_sources"),
         bypass_destinations=section.networks("bypass_destinations"),
+        bridged_networks=section.networks("bridged_networks"),
         mark=section.integer("mark", 0x1, 1, 0x7FFFFFFF),
         route_table=section.integer("route_table", 100, 1, 0xFFFFFFF0),
     )
-    if mode == "bridge" and len(config.ports) < 2:
-        section.problem("ports", "bridge mode needs at least two member interfaces")
-    if mode == "router" and config.ports:
-        section.problem("ports", "only used in bridge mode (mode = \"bridge\")")
+    _check_combinations(section, config)
+    return config
+
+
+def _check_combinations(section: Section, config: NetworkConfig) -> None:
+    """Problems no single key shows: keys that contradict the mode or each other."""
+    given = section.data
+    if config.mode == "bridge":
+        if len(config.ports) < 2:
+            section.problem("ports", "bridge mode needs at least two member interfaces")
+        if len(set(config.ports)) != len(config.ports):
+            section.problem("ports", "names an interface twice")
+        if config.bridge in config.ports:
+            section.problem("ports", f"holds the bridge itself ({config.bridge!r})")
+        if not config.addresses and not config.bridged_networks:
+            section.problem("bridged_networks",
+                            "bridge mode needs 'addresses' or 'bridged_networks': without a route "
+                            "to the bridged subnets the proxy cannot answer the clients it takes")
+        if not config.spoof_source and not config.addresses:
+            section.problem("spoof_source",
+                            "false needs 'addresses': without spoofing the proxy connects onward "
+                            "from an address of its own on the bridge")
+    else:
+        for key in ("ports", "bridge", "addresses", "bridged_networks"):
+            if key in given:
+                section.problem(key, 'only used in bridge mode (mode = "bridge")')
+    services = [item.service for item in config.intercept]
+    if len(set(services)) != len(services):
+        section.problem("intercept", "names a service twice")
+    listen_ports = [item.listen_port for item in config.intercept]
+    if len(set(listen_ports)) != len(listen_ports):
+        section.problem("listen", "two services share one listen port")
     if not config.ipv6:
-        for key, nets in (("bypass_sources", config.bypass_sources),
-                          ("bypass_destinations", config.bypass_destinations)):
+        v6_keys = (("bypass_sources", config.bypass_sources),
+                   ("bypass_destinations", config.bypass_destinations),
+                   ("bridged_networks", config.bridged_networks))
+        for key, nets in v6_keys:
             if any(n.version == 6 for n in nets):
                 section.problem(key, "holds an IPv6 network but ipv6 = false")
-    return config
+        if any(":" in address for address in config.addresses):
+            section.problem("addresses", "holds an IPv6 address but ipv6 = false")
 
 
 def load_network_config(path: Path) -> NetworkConfig:

@@ -1,0 +1,284 @@
+"""The network state a `[network]` config asks for, as plain data (no kernel access here).
+
+`desired_state(config)` is the whole answer to "what should this box look like"; the plan is
+the difference between it and what is observed (netsetup/plan.py). `Desired()` (everything
+empty) is what teardown converges to.
+
+Interception recipe (measured on this kernel, see /work/shared/NETFILTER-FACTS.md):
+- mangle PREROUTING jumps once to our own chain MAILGATE (only from the bridge in bridge mode);
+- in MAILGATE, packets of a socket we already hold transparently (replies to the proxy's
+  source-spoofed onward connections) go to MAILGATE_DIVERT, which marks and accepts them, so
+  policy routing delivers them locally; then bypassed sources/destinations RETURN; then each
+  intercepted port is TPROXY'd to its proxy's listen port with the same mark;
+- `fwmark mark/mark lookup <table>` with a `local default dev lo` route in that table turns the
+  mark into local delivery;
+- bridge mode also needs the bridge family to hand the frames to the IP layer (netsetup/nft.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from netsetup.config import NetworkConfig
+from netsetup.configfile import Network
+
+MAIN_CHAIN = "MAILGATE"
+DIVERT_CHAIN = "MAILGATE_DIVERT"
+OUR_CHAINS = (MAIN_CHAIN, DIVERT_CHAIN)
+MAIN_TABLE = 254  # the kernel's `main` routing table
+# Policy rules sit below `from all lookup local` (0) and before `lookup main` (32766); pinned
+# so the rule is the same whichever tool or library version adds it.
+RULE_PRIORITY = 32000
+
+XtParams = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    name: str
+    ports: tuple[str, ...]
+    # No listening/learning delay when a port comes up, and no spanning tree: the gateway is an
+    # inline wire; STP would block the path for ~30 s after every change.
+    forward_delay: int = 0
+    stp_state: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class AddressSpec:
+    device: str
+    cidr: str  # '192.0.2.2/24'
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_interface(self.cidr).version
+
+    def describe(self) -> str:
+        return f"{self.cidr} dev {self.device}"
+
+
+@dataclass(frozen=True, order=True)
+class RouteSpec:
+    family: int
+    destination: str  # network text, '0.0.0.0/0' for default
+    device: str
+    table: int = MAIN_TABLE
+    kind: str = "unicast"  # or "local"
+    scope: str = "link"  # "host" for local routes
+
+    def key(self) -> tuple[int, str, str, int, str]:
+        # The kernel reports IPv6 routes with scope universe whatever was asked: not compared.
+        return (self.family, self.destination, self.device, self.table, self.kind)
+
+    def describe(self) -> str:
+        dest = "default" if self.destination in ("0.0.0.0/0", "::/0") else self.destination
+        kind = "local " if self.kind == "local" else ""
+        table = "" if self.table == MAIN_TABLE else f" table {self.table}"
+        return f"ipv{self.family} {kind}{dest} dev {self.device}{table} scope {self.scope}"
+
+
+@dataclass(frozen=True, order=True)
+class PolicyRuleSpec:
+    family: int
+    fwmark: int
+    fwmask: int
+    table: int
+    priority: int = RULE_PRIORITY
+
+    def key(self) -> tuple[int, int, int, int]:
+        # A rule that does the same job at another priority is in place already.
+        return (self.family, self.fwmark, self.fwmask, self.table)
+
+    def describe(self) -> str:
+        return (f"ipv{self.family} priority {self.priority} fwmark {self.fwmark:#x}/"
+                f"{self.fwmask:#x} lookup {self.table}")
+
+
+@dataclass(frozen=True)
+class XtRule:
+    """One xtables rule in the normalised shape python-iptables reads back.
+
+    `matches` and `target_params` hold what iptc's `get_all_parameters()` returns (option name
+    without dashes -> values), so a rule read from the kernel compares equal to the one we asked
+    for. Addresses are network text ('198.51.100.0/24') or None for "any".
+    """
+
+    chain: str
+    target: str
+    protocol: str | None = None
+    in_interface: str | None = None
+    source: str | None = None
+    destination: str | None = None
+    matches: tuple[tuple[str, XtParams], ...] = ()
+    target_params: XtParams = ()
+
+    def canonical(self) -> tuple[object, ...]:
+        return (self.chain, self.target, self.protocol, self.in_interface, self.source,
+                self.destination, tuple((n, tuple(sorted(p))) for n, p in self.matches),
+                tuple(sorted(self.target_params)))
+
+    def text(self) -> str:
+        """The rule as `iptables-save` would print it."""
+        parts = [f"-A {self.chain}"]
+        if self.source:
+            parts.append(f"-s {self.source}")
+        if self.destination:
+            parts.append(f"-d {self.destination}")
+        if self.in_interface:
+            parts.append(f"-i {self.in_interface}")
+        if self.protocol:
+            parts.append(f"-p {self.protocol}")
+        for name, params in self.matches:
+            parts.append(f"-m {name}" + _params_text(params))
+        parts.append(f"-j {self.target}" + _params_text(self.target_params))
+        return " ".join(parts)
+
+
+def _params_text(params: XtParams) -> str:
+    return "".join(f" --{name}" + "".join(f" {v}" for v in values) for name, values in params)
+
+
+@dataclass(frozen=True)
+class XtTable:
+    """What netsetup owns in one family's mangle table: its chains and the jump(s) to them."""
+
+    family: int
+    chains: tuple[tuple[str, tuple[XtRule, ...]], ...]
+    jumps: tuple[XtRule, ...]
+
+    def canonical(self) -> tuple[object, ...]:
+        return (self.family,
+                tuple((name, tuple(r.canonical() for r in rules)) for name, rules in self.chains),
+                tuple(r.canonical() for r in self.jumps))
+
+    def lines(self) -> list[str]:
+        out = [f":{name}" for name, _ in self.chains]
+        out += [rule.text() for rule in self.jumps]
+        out += [rule.text() for _, rules in self.chains for rule in rules]
+        return out
+
+
+@dataclass(frozen=True)
+class NftSteering:
+    """Bridge-family rules that hand intercepted frames to the bridge's own IP stack."""
+
+    bridge: str
+    ports: tuple[str, ...]
+    tcp_ports: tuple[int, ...]
+    families: tuple[int, ...]
+    bypass_sources: tuple[Network, ...] = ()
+    bypass_destinations: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Desired:
+    sysctls: dict[str, str] = field(default_factory=dict)
+    bridge: BridgeSpec | None = None
+    addresses: tuple[AddressSpec, ...] = ()
+    routes: tuple[RouteSpec, ...] = ()
+    rules: tuple[PolicyRuleSpec, ...] = ()
+    xtables: dict[int, XtTable] = field(default_factory=dict)
+    steering: NftSteering | None = None
+
+
+def desired_state(config: NetworkConfig) -> Desired:
+    bridge_mode = config.mode == "bridge"
+    return Desired(
+        sysctls=desired_sysctls(config),
+        bridge=BridgeSpec(config.bridge, config.ports) if bridge_mode else None,
+        # Normalised as the kernel reports them ('2001:DB8::2/64' reads back as '2001:db8::2/64').
+        addresses=tuple(AddressSpec(config.bridge, str(ipaddress.ip_interface(a)))
+                        for a in config.addresses) if bridge_mode else (),
+        routes=desired_routes(config),
+        rules=tuple(PolicyRuleSpec(f, config.mark, config.mark, config.route_table)
+                    for f in config.families),
+        xtables={f: mangle_table(config, f) for f in config.families},
+        steering=NftSteering(
+            bridge=config.bridge,
+            ports=config.ports,
+            tcp_ports=tuple(item.port for item in config.intercept),
+            families=config.families,
+            bypass_sources=config.bypass_sources,
+            bypass_destinations=config.bypass_destinations,
+        ) if bridge_mode else None,
+    )
+
+
+def desired_sysctls(config: NetworkConfig) -> dict[str, str]:
+    if config.mode == "router":
+        values = {"net.ipv4.ip_forward": "1"}
+        if config.ipv6:
+            values["net.ipv6.conf.all.forwarding"] = "1"
+        return values
+    # With br_netfilter calling iptables for bridged frames, TPROXY sees them but the frame is
+    # still bridged (measured): the bridge family steers them instead, so bridged traffic must
+    # not also traverse iptables.
+    values = {"net.bridge.bridge-nf-call-iptables": "0"}
+    if config.ipv6:
+        values["net.bridge.bridge-nf-call-ip6tables"] = "0"
+    return values
+
+
+def desired_routes(config: NetworkConfig) -> tuple[RouteSpec, ...]:
+    routes = [
+        RouteSpec(family, "0.0.0.0/0" if family == 4 else "::/0", "lo", config.route_table,
+                  kind="local", scope="host")
+        for family in config.families
+    ]
+    if config.mode == "bridge":
+        # An address brings its own prefix route; adding the same network again would either
+        # clash (IPv4) or sit beside it at another metric (IPv6).
+        covered = {ipaddress.ip_interface(a).network for a in config.addresses}
+        for network in config.bridged_networks:
+            if network not in covered:
+                routes.append(RouteSpec(network.version, str(network), config.bridge))
+    return tuple(routes)
+
+
+def _mark(config: NetworkConfig) -> str:
+    return f"{config.mark:#x}/{config.mark:#x}"
+
+
+def mangle_table(config: NetworkConfig, family: int) -> XtTable:
+    any_address = "0.0.0.0" if family == 4 else "::"
+    jump = XtRule("PREROUTING", MAIN_CHAIN, protocol="tcp",
+                  in_interface=config.bridge if config.mode == "bridge" else None)
+    divert = (
+        XtRule(DIVERT_CHAIN, "MARK", target_params=(("set-xmark", (_mark(config),)),)),
+        XtRule(DIVERT_CHAIN, "ACCEPT"),
+    )
+    main = [
+        XtRule(MAIN_CHAIN, DIVERT_CHAIN, protocol="tcp",
+               matches=(("socket", (("transparent", ()),)),)),
+        *bypass_rules(config, family),
+        *interceptor_rules(config, family),
+    ]
+    for item in config.intercept:
+        main.append(XtRule(
+            MAIN_CHAIN, "TPROXY", protocol="tcp",
+            matches=(("tcp", (("dport", (str(item.port),)),)),),
+            target_params=(("on-port", (str(item.listen_port),)), ("on-ip", (any_address,)),
+                           ("tproxy-mark", (_mark(config),))),
+        ))
+    return XtTable(family, ((MAIN_CHAIN, tuple(main)), (DIVERT_CHAIN, divert)), (jump,))
+
+
+def bypass_rules(config: NetworkConfig, family: int) -> list[XtRule]:
+    rules = [XtRule(MAIN_CHAIN, "RETURN", source=str(n))
+             for n in config.bypass_sources if n.version == family]
+    rules += [XtRule(MAIN_CHAIN, "RETURN", destination=str(n))
+              for n in config.bypass_destinations if n.version == family]
+    return rules
+
+
+def interceptor_rules(config: NetworkConfig, family: int) -> list[XtRule]:
+    """Rules between the bypass RETURNs and the TPROXY rules; none yet.
+
+    The place for the interceptor's NFQUEUE rules (a later issue). The measured recipe: a
+    `--syn --dport 25 -m mark ! --mark 0x2/0x2 -j NFQUEUE --queue-num 0 --queue-bypass` rule
+    here; the program sets mark |= 0x2 and returns the *repeat* verdict, so the packet comes back
+    through PREROUTING and reaches the TPROXY rules below (the *accept* verdict would skip them).
+    Add the options to NetworkConfig and return the rules from here; the apply, status and
+    teardown machinery picks them up as part of MAILGATE without further changes.
+    """
+    return []

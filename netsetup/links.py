@@ -1,0 +1,253 @@
+"""Links, bridge membership, addresses, routes and policy rules through pyroute2 (netlink).
+
+Kernel glue only: every function takes and returns netsetup's plain specs. The calling process
+is expected to run inside the network namespace it configures (`ip netns exec`), so IPRoute()
+talks to that namespace. Idempotency follows pyroute2's own habit: try, and compare the
+NetlinkError's errno (EEXIST on add, ENOENT/ESRCH/... on delete).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from netsetup.desired import AddressSpec, BridgeSpec, PolicyRuleSpec, RouteSpec
+
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL}
+_RT_TYPES = {1: "unicast", 2: "local"}
+_SCOPES = {0: "universe", 253: "link", 254: "host"}
+RTPROT_KERNEL = 2
+IFF_UP = 0x1
+
+
+class LinkError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    kind: str | None  # "bridge", "veth", ... None for plain devices such as lo
+    master: str | None
+    up: bool
+    mac: str | None
+    forward_delay: int | None = None  # bridges only, in the kernel's unit (centiseconds)
+    stp_state: int | None = None
+
+
+@contextmanager
+def _ipr() -> Iterator[IPRoute]:
+    with IPRoute() as ipr:
+        yield ipr
+
+
+def _index(ipr: IPRoute, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise LinkError(f"no interface named {name!r}")
+    return int(found[0])
+
+
+def _names(ipr: IPRoute) -> dict[int, str]:
+    return {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def read_links() -> dict[str, LinkInfo]:
+    out: dict[str, LinkInfo] = {}
+    with _ipr() as ipr:
+        links = list(ipr.get_links())
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in links}
+        for link in links:
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+            master = link.get_attr("IFLA_MASTER")
+            name = names[int(link["index"])]
+            out[name] = LinkInfo(
+                name=name,
+                kind=kind,
+                master=names.get(int(master)) if master else None,
+                up=bool(link["flags"] & IFF_UP),
+                mac=link.get_attr("IFLA_ADDRESS"),
+                forward_delay=data.get_attr("IFLA_BR_FORWARD_DELAY")
+                if kind == "bridge" and data is not None else None,
+                stp_state=data.get_attr("IFLA_BR_STP_STATE")
+                if kind == "bridge" and data is not None else None,
+            )
+    return out
+
+
+def read_addresses() -> set[AddressSpec]:
+    with _ipr() as ipr:
+        names = _names(ipr)
+        return {
+            AddressSpec(names.get(int(a["index"]), "?"),
+                        f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+            for a in ipr.get_addr()
+        }
+
+
+def read_routes(tables: Iterable[int]) -> set[RouteSpec]:
+    """Unicast and local routes in `tables`, except those the kernel adds for addresses."""
+    wanted = set(tables)
+    out: set[RouteSpec] = set()
+    with _ipr() as ipr:
+        names = _names(ipr)
+        for af, family in _FAMILY.items():
+            for route in ipr.route("dump", family=af):
+                table = route.get_attr("RTA_TABLE") or route["table"]
+                oif = route.get_attr("RTA_OIF")
+                if table not in wanted or oif is None or route["type"] not in _RT_TYPES:
+                    continue
+                # Prefix routes the kernel made for an address come and go with the address:
+                # they neither stand in for a route the config asks for nor are ever ours.
+                if route["proto"] == RTPROT_KERNEL:
+                    continue
+                dst = route.get_attr("RTA_DST") or ("0.0.0.0" if family == 4 else "::")
+                out.add(RouteSpec(family, f"{dst}/{route['dst_len']}", names.get(int(oif), "?"),
+                                  int(table), _RT_TYPES[route["type"]],
+                                  _SCOPES.get(route["scope"], str(route["scope"]))))
+    return out
+
+
+def read_rules() -> set[PolicyRuleSpec]:
+    """Policy rules that select by fwmark (the only kind netsetup adds)."""
+    out: set[PolicyRuleSpec] = set()
+    with _ipr() as ipr:
+        for af, family in _FAMILY.items():
+            for rule in ipr.get_rules(family=af):
+                mark = rule.get_attr("FRA_FWMARK")
+                if mark is None:
+                    continue
+                mask = rule.get_attr("FRA_FWMASK")
+                out.add(PolicyRuleSpec(family, int(mark),
+                                       0xFFFFFFFF if mask is None else int(mask),
+                                       int(rule.get_attr("FRA_TABLE") or rule["table"]),
+                                       int(rule.get_attr("FRA_PRIORITY") or 0)))
+    return out
+
+
+# --- changing ------------------------------------------------------------------------------
+
+
+def create_bridge(spec: BridgeSpec) -> None:
+    with _ipr() as ipr:
+        ipr.link("add", ifname=spec.name, kind="bridge", br_forward_delay=spec.forward_delay,
+                 br_stp_state=spec.stp_state)
+
+
+def delete_link(name: str) -> None:
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("del", index=found[0])
+
+
+def set_bridge_options(name: str, forward_delay: int, stp_state: int) -> None:
+    with _ipr() as ipr:
+        ipr.link("set", index=_index(ipr, name), kind="bridge", br_forward_delay=forward_delay,
+                 br_stp_state=stp_state)
+
+
+def set_master(port: str, bridge: str | None) -> None:
+    """Enslave `port` to `bridge`, or release it from any master (None)."""
+    with _ipr() as ipr:
+        master = _index(ipr, bridge) if bridge else 0
+        ipr.link("set", index=_index(ipr, port), master=master)
+
+
+def set_up(name: str, up: bool) -> None:
+    with _ipr() as ipr:
+        ipr.link("set", index=_index(ipr, name), state="up" if up else "down")
+
+
+def add_address(spec: AddressSpec) -> bool:
+    """True when added, False when it was there already."""
+    address, _, prefix = spec.cidr.partition("/")
+    with _ipr() as ipr:
+        try:
+            ipr.addr("add", index=_index(ipr, spec.device), address=address,
+                     prefixlen=int(prefix))
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise
+    return True
+
+
+def delete_address(spec: AddressSpec) -> None:
+    address, _, prefix = spec.cidr.partition("/")
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=spec.device)
+        if not found:
+            return  # gone with its device
+        try:
+            ipr.addr("del", index=found[0], address=address, prefixlen=int(prefix))
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise
+
+
+def _route_args(ipr: IPRoute, spec: RouteSpec) -> dict[str, object]:
+    return {"family": _AF[spec.family], "dst": spec.destination, "oif": _index(ipr, spec.device),
+            "table": spec.table, "type": spec.kind, "scope": spec.scope}
+
+
+def add_route(spec: RouteSpec) -> bool:
+    with _ipr() as ipr:
+        try:
+            # A `local` route must say scope host explicitly: pyroute2 otherwise sends scope
+            # universe and the kernel answers EINVAL (measured).
+            ipr.route("add", **_route_args(ipr, spec))
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise
+    return True
+
+
+def delete_route(spec: RouteSpec) -> None:
+    with _ipr() as ipr:
+        if not ipr.link_lookup(ifname=spec.device):
+            return
+        try:
+            ipr.route("del", **_route_args(ipr, spec))
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise
+
+
+def _rule_args(spec: PolicyRuleSpec) -> dict[str, object]:
+    return {"family": _AF[spec.family], "fwmark": spec.fwmark, "fwmask": spec.fwmask,
+            "table": spec.table, "priority": spec.priority}
+
+
+def add_rule(spec: PolicyRuleSpec) -> bool:
+    with _ipr() as ipr:
+        try:
+            ipr.rule("add", **_rule_args(spec))
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise
+    return True
+
+
+def delete_rule(spec: PolicyRuleSpec) -> None:
+    with _ipr() as ipr:
+        try:
+            ipr.rule("del", **_rule_args(spec))
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise

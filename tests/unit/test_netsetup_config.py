@@ -1,0 +1,102 @@
+"""[network] validation: every problem reported with file and key, before anything is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netsetup.config import load_network_config
+from netsetup.configfile import ConfigError
+from netsetup.links import LinkInfo
+from netsetup.preflight import live_problems
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "mailgate.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_network_config(path)
+    return [str(p).replace(f"{path}: ", "") for p in caught.value.problems]
+
+
+def test_defaults_are_a_router_intercepting_both_services(tmp_path: Path) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text("[network]\n")
+    config = load_network_config(path)
+    assert config.mode == "router"
+    assert [(i.service, i.port, i.listen_port) for i in config.intercept] == [
+        ("smtp", 25, 10025), ("pop3", 110, 10110)]
+    assert config.families == (4, 6)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, """[network]
+mode = "brigde"
+ipv6 = "yes"
+bypass_sources = ["192.0.2.0/24", "198.51.100.300/32"]
+bypas_destinations = []
+listen = { smtp = 0 }
+""")
+    assert "network.mode: must be one of 'router', 'bridge', got 'brigde'" in problems
+    assert "network.ipv6: expected true or false, got str" in problems
+    assert "network.bypass_sources[1]: not an IP network: '198.51.100.300/32'" in problems
+    assert "network.bypas_destinations: unknown key" in problems
+    assert "network.listen.smtp: expected a port number, got 0" in problems
+
+
+def test_bridge_mode_needs_ports_and_a_way_to_reach_the_segment(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nmode = "bridge"\nports = ["eth0"]\n'
+                                     'spoof_source = false\n')
+    assert "network.ports: bridge mode needs at least two member interfaces" in problems
+    assert any(p.startswith("network.bridged_networks: bridge mode needs 'addresses' or")
+               for p in problems)
+    assert any(p.startswith("network.spoof_source: false needs 'addresses'") for p in problems)
+
+
+def test_bridge_ports_must_be_distinct_and_not_the_bridge(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nmode = "bridge"\nports = ["eth0", "eth0", "br0"]\n'
+                                     'bridged_networks = ["192.0.2.0/24"]\n')
+    assert "network.ports: names an interface twice" in problems
+    assert "network.ports: holds the bridge itself ('br0')" in problems
+
+
+def test_bridge_keys_are_refused_in_router_mode(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nports = ["eth0", "eth1"]\nbridge = "br1"\n'
+                                     'addresses = ["192.0.2.2/24"]\n'
+                                     'bridged_networks = ["192.0.2.0/24"]\n')
+    for key in ("ports", "bridge", "addresses", "bridged_networks"):
+        assert f'network.{key}: only used in bridge mode (mode = "bridge")' in problems
+
+
+def test_ipv6_networks_need_ipv6(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nipv6 = false\n'
+                                     'bypass_destinations = ["2001:db8::/32"]\n')
+    assert problems == ["network.bypass_destinations: holds an IPv6 network but ipv6 = false"]
+
+
+def test_services_and_listen_ports_must_not_repeat(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nintercept = ["smtp", "smtp", "imap"]\n')
+    assert "network.intercept: names a service twice" in problems
+    assert "network.intercept: unknown service 'imap' (known: smtp, pop3)" in problems
+    problems = problems_of(tmp_path, '[network]\nlisten = { smtp = 9000, pop3 = 9000 }\n')
+    assert problems == ["network.listen: two services share one listen port"]
+
+
+def test_interfaces_are_checked_against_the_live_system(tmp_path: Path) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text('[network]\nmode = "bridge"\nports = ["eth0", "eth1", "eth2"]\n'
+                    'bridged_networks = ["192.0.2.0/24"]\n')
+    config = load_network_config(path)
+    links = {
+        "lo": LinkInfo("lo", None, None, True, None),
+        "eth0": LinkInfo("eth0", "veth", None, True, "02:00:00:00:00:01"),
+        "eth1": LinkInfo("eth1", "veth", "br9", True, "02:00:00:00:00:02"),
+        "br0": LinkInfo("br0", "dummy", None, True, "02:00:00:00:00:03"),
+    }
+    problems = [f"{p.key}: {p.message}" for p in live_problems(config, links, path)]
+    assert problems == [
+        "network.bridge: br0 exists on this system but is a dummy device, not a bridge",
+        "network.ports: eth1 already belongs to br9; release it first (ip link set eth1 nomaster)",
+        "network.ports: no interface named 'eth2' on this system (there are: br0, eth0, eth1)",
+    ]
