@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def default_state_path() -> Path:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
-                                    "little")
+                                    sys.byteorder)
         key = f"cookie{cookie}"
     except OSError:  # older kernels: the inode, unique while the namespace lives
         key = str(os.stat("/proc/self/ns/net").st_ino)
