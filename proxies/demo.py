@@ -1,0 +1,248 @@
+"""`mailgate demo`: a guided tour in a throwaway lab, in plain words.
+
+It builds three hosts in network namespaces (a sender, the mailgate box as an invisible bridge,
+a mail server), turns the box into an intercepting gateway with netsetup, runs the real
+proxies and real mail programs, and shows what happens to mail. Everything it creates is
+removed at the end, also on Ctrl-C or failure; nothing outside the lab is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from netsetup.commands import run_in_namespace
+from netsetup.lab.peers.postfix import Postfix, PostfixInstance
+from netsetup.lab.peers.sink import swaks
+from netsetup.lab.topology import Lab, LabError
+
+BOLD = "\033[1m" if sys.stdout.isatty() else ""
+DIM = "\033[2m" if sys.stdout.isatty() else ""
+RESET = "\033[0m" if sys.stdout.isatty() else ""
+
+
+def say(text: str = "") -> None:
+    print(textwrap.fill(text, 96) if text else "", flush=True)
+
+
+def step(number: int, title: str) -> None:
+    print(f"\n{BOLD}{number}. {title}{RESET}", flush=True)
+
+
+def show(text: str, limit: int = 30) -> None:
+    lines = text.rstrip("\n").splitlines()
+    for line in lines[:limit]:
+        print(f"   {DIM}{line}{RESET}")
+    if len(lines) > limit:
+        print(f"   {DIM}... ({len(lines) - limit} more lines){RESET}")
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise TimeoutError(f"gave up waiting for {what}")
+
+
+class Demo:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.lab = Lab("bridge", servers=1)
+        self.config = workdir / "mailgate.toml"
+        self.state = workdir / "netsetup-state.json"
+        self.queue_dir = workdir / "queue"
+        self.log = workdir / "mailgate.log"
+
+    def queue(self, *args: str) -> str:
+        """`mailgate queue VERB ...` run in the gateway, as an administrator would."""
+        result = self.lab.run(self.lab.gateway, [sys.executable, "-m", "proxies.cli", "queue",
+                                                 *args, "--config", str(self.config)],
+                              check=False)
+        return result.stdout + result.stderr
+
+    def write_config(self) -> None:
+        lab = self.lab
+        v4, v6 = lab.bridge_management_addresses()
+        self.config.write_text(textwrap.dedent(f"""\
+            # The gateway's config: an invisible bridge between eth0 (sender side) and eth1.
+            [network]
+            mode = "bridge"
+            bridge = "br0"
+            ports = {json.dumps(list(lab.bridge_ports))}
+            addresses = ["{v4}", "{v6}"]
+            intercept = ["smtp", "pop3"]
+            spoof_source = true
+
+            [smtp]
+            hostname = "gateway.lab.example"
+            relay_domains = ["example.com"]
+            queue_dir = "{self.queue_dir}"
+            transport = {{ "sender.example" = "{lab.sender.ipv4}:25" }}
+            retry_min = "2s"
+            retry_max = "4s"
+            """))
+
+    def start_gateway(self) -> None:
+        self.log_handle = self.log.open("w")
+        self.lab.spawn(self.lab.gateway,
+                       [sys.executable, "-m", "proxies.cli", "run", "--config", str(self.config)],
+                       stdout=self.log_handle, stderr=self.log_handle)
+        wait_until(lambda: "event=ready" in self.log.read_text(), 30, "mailgate to start")
+
+    def run(self) -> int:
+        lab = self.lab
+        step(1, "A lab: three hosts in network namespaces, linked by virtual cables")
+        lab.up()
+        say("The box in the middle is an Ethernet bridge: the sender and the server share one "
+            "subnet and do not know the box is there.")
+        show(f"sender   {lab.sender.ipv4:15} {lab.sender.ipv6}   (namespace {lab.sender.netns})\n"
+             f"gateway  bridge br0 over {', '.join(lab.bridge_ports)}      "
+             f"(namespace {lab.gateway.netns})\n"
+             f"server   {lab.server.ipv4:15} {lab.server.ipv6}   (namespace {lab.server.netns})")
+
+        step(2, "netsetup makes the box intercept tcp 25 (SMTP) and 110 (POP3)")
+        self.write_config()
+        plan = run_in_namespace(lab.gateway.netns, "plan", self.config, self.state)
+        say("'netsetup plan' says what it would change, without changing anything:")
+        show(plan.stdout, limit=14)
+        applied = run_in_namespace(lab.gateway.netns, "apply", self.config, self.state)
+        if applied.returncode != 0:
+            show(applied.stdout + applied.stderr)
+            raise LabError("netsetup apply failed")
+        status = run_in_namespace(lab.gateway.netns, "status", self.config, self.state)
+        say(f"'netsetup apply' did it; 'netsetup status' now exits {status.returncode} "
+            "(0 = everything in place as configured).")
+
+        step(3, "Real mail programs: Postfix on the server, Postfix and swaks on the sender")
+        server = Postfix.receiver(lab, lab.server, ["example.com"], self.dir / "server-postfix",
+                                  users=["alice@example.com"])
+        sender = Postfix.sender(lab, lab.sender, {"example.com": f"[{lab.server.ipv4}]:25"},
+                                self.dir / "sender-postfix",
+                                listen=("127.0.0.1:25", f"{lab.sender.ipv4}:25"))
+        self.start_gateway()
+        say("The server's Postfix takes mail for example.com (only alice exists). The sender's "
+            "Postfix sends example.com mail straight to the server's address: it knows nothing "
+            "of mailgate. mailgate runs on the box.")
+
+        step(4, "The sender sends a mail to the server; the box catches it on the way")
+        result = swaks(lab, lab.sender, lab.server.ipv4, mail_from="bob@sender.example",
+                       rcpt="alice@example.com", body="Hello Alice, this is Bob.")
+        show("\n".join(line for line in result.stdout.splitlines()
+                       if line.startswith(("=== Connected", "<-  220", "<-  250 2.0.0 Ok"))))
+        say(f"swaks connected to {lab.server.ipv4}, but the greeting came from "
+            "gateway.lab.example: mailgate answered, queued the mail on disk (fsync) and "
+            "only then said 250.")
+        delivery = server.wait_for_messages(1, timeout=30)[0]
+        say(f"The server received it from {delivery.client_address}, the sender's own address "
+            "(mailgate connects onward with the client's address), with mailgate's trace "
+            "header on top:")
+        show(_mailgate_received(delivery.raw))
+
+        step(5, "Relay control: the box is not an open relay")
+        denied = swaks(lab, lab.sender, lab.server.ipv4, mail_from="bob@sender.example",
+                       rcpt="someone@elsewhere.example", check=False)
+        show("\n".join(line for line in denied.stdout.splitlines()
+                       if "RCPT" in line or line.startswith("<** ")))
+        trick = swaks(lab, lab.sender, lab.server.ipv4, mail_from="bob@sender.example",
+                      rcpt="someone%elsewhere.example@example.com", check=False)
+        show("\n".join(line for line in trick.stdout.splitlines() if line.startswith("<** ")))
+        say("Mail for domains the box does not serve is refused, and so are the old tricks "
+            "open-relay testers use (here the % hack).")
+
+        step(6, "The queue: the server goes down, no mail is lost")
+        server.stop()
+        sender.send("bob@sender.example", ["alice@example.com"],
+                    b"Subject: sent while the server is down\r\n\r\nStill arrives.\r\n")
+        wait_until(lambda: '"queue_id"' in self.queue("list", "--json"), 30,
+                   "the message to be queued")
+        say("The sender's Postfix handed the mail to mailgate; the server is down, so it waits "
+            "in mailgate's queue ('mailgate queue list', like mailq):")
+        wait_until(lambda: "connect" in self.queue("list"), 30, "a first delivery try")
+        show(self.queue("list"))
+        server = Postfix.receiver(lab, lab.server, ["example.com"], self.dir / "server-postfix",
+                                  users=["alice@example.com"])
+        self.queue("flush")
+        server.wait_for_messages(1, timeout=30)
+        say("The server is back; 'mailgate queue flush' retried at once and the mail arrived.")
+
+        step(7, "A mail that cannot be delivered goes back to its sender")
+        sender.send("bob@sender.example", ["nobody@example.com"],
+                    b"Subject: to a user that does not exist\r\n\r\nHello?\r\n")
+        bounce = self._wait_for_bounce(sender)
+        say("The server refused nobody@example.com (550 5.1.1). mailgate had already accepted "
+            "the mail, so it sent a delivery status notification (RFC 3464) to bob, which "
+            "arrived in the sender's mailbox:")
+        show(bounce, limit=12)
+
+        step(8, "What mailgate logged (one line per event; every line of a mail carries qid=)")
+        show("\n".join(line for line in self.log.read_text().splitlines()
+                       if "event=smtp_accepted" in line or "event=delivery " in line
+                       or "event=bounced" in line)[:4000], limit=12)
+        return 0
+
+    def _wait_for_bounce(self, sender: PostfixInstance) -> str:
+        def bounce() -> str | None:
+            for delivery in sender.deliveries():
+                text = delivery.content.decode(errors="replace")
+                if "delivery-status" in text:
+                    return "\n".join(line for line in text.splitlines()
+                                     if line.startswith(("From:", "Subject:", "Final-Recipient",
+                                                         "Action:", "Status:", "Diagnostic")))
+            return None
+
+        result: str = wait_until(bounce, 60, "the bounce")
+        return result
+
+    def cleanup(self) -> None:
+        step(9, "Cleaning up")
+        if self.lab.gateway.netns in {n for n in os.listdir("/run/netns")}:
+            torn = run_in_namespace(self.lab.gateway.netns, "teardown", self.config, self.state)
+            say(f"'netsetup teardown' removed what netsetup installed (exit {torn.returncode}).")
+        self.lab.down()
+        say("The lab's namespaces and every process in them are gone.")
+
+
+def _mailgate_received(raw: bytes) -> str:
+    """The Received: header mailgate added, unfolded onto one line."""
+    text = raw.decode(errors="replace").replace("\r\n", "\n")
+    headers = text.split("\n\n", 1)[0]
+    unfolded = headers.replace("\n\t", " ").replace("\n ", " ")
+    for line in unfolded.splitlines():
+        if line.startswith("Received:") and "(mailgate)" in line:
+            return line
+    return "(no Received header from mailgate found)"
+
+
+def run_demo() -> int:
+    if os.geteuid() != 0:
+        print("mailgate demo: needs root (it builds network namespaces)", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="mailgate-demo-"))
+    workdir.chmod(0o755)
+    demo = Demo(workdir)
+    print(f"{BOLD}mailgate demo{RESET}: a throwaway lab; nothing outside it is touched.")
+    try:
+        code = demo.run()
+    except (LabError, TimeoutError, OSError) as exc:
+        print(f"\nmailgate demo: {exc}", file=sys.stderr)
+        if demo.log.exists():
+            print("last lines of mailgate's log:", file=sys.stderr)
+            print("\n".join(demo.log.read_text().splitlines()[-15:]), file=sys.stderr)
+        return 1
+    finally:
+        demo.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n{BOLD}Done.{RESET} Try it yourself: 'mailgate lab up --mode bridge', then "
+          "'netsetup' and 'mailgate run' inside the gateway (see README.md).")
+    return code
