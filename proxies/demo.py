@@ -71,6 +71,11 @@ class Demo:
                               check=False)
         return result.stdout + result.stderr
 
+    @property
+    def server_ip(self) -> str:
+        assert self.lab.server.ipv4 is not None
+        return self.lab.server.ipv4
+
     def write_config(self) -> None:
         lab = self.lab
         v4, v6 = lab.bridge_management_addresses()
@@ -136,7 +141,8 @@ class Demo:
             "of mailgate. mailgate runs on the box.")
 
         step(4, "The sender sends a mail to the server; the box catches it on the way")
-        result = swaks(lab, lab.sender, lab.server.ipv4, mail_from="bob@sender.example",
+        server_ip = self.server_ip
+        result = swaks(lab, lab.sender, server_ip, mail_from="bob@sender.example",
                        rcpt="alice@example.com", body="Hello Alice, this is Bob.")
         show("\n".join(line for line in result.stdout.splitlines()
                        if line.startswith(("=== Connected", "<-  220", "<-  250 2.0.0 Ok"))))
@@ -150,11 +156,11 @@ class Demo:
         show(_mailgate_received(delivery.raw))
 
         step(5, "Relay control: the box is not an open relay")
-        denied = swaks(lab, lab.sender, lab.server.ipv4, mail_from="bob@sender.example",
+        denied = swaks(lab, lab.sender, server_ip, mail_from="bob@sender.example",
                        rcpt="someone@elsewhere.example", check=False)
         show("\n".join(line for line in denied.stdout.splitlines()
                        if "RCPT" in line or line.startswith("<** ")))
-        trick = swaks(lab, lab.sender, lab.server.ipv4, mail_from="bob@sender.example",
+        trick = swaks(lab, lab.sender, server_ip, mail_from="bob@sender.example",
                       rcpt="someone%elsewhere.example@example.com", check=False)
         show("\n".join(line for line in trick.stdout.splitlines() if line.startswith("<** ")))
         say("Mail for domains the box does not serve is refused, and so are the old tricks "
