@@ -171,6 +171,8 @@ class Section:
         return self.data[key]
 
     def typed(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        if key not in self.data:
+            return self._get(key, default)
         value = self._get(key, default)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int in Python; a config that says `port = true` is a mistake.

@@ -3,15 +3,25 @@
 Logs go to stderr; SIGTERM stops taking connections, lets sessions and delivery attempts
 under way finish for a grace period, and exits; readiness is reported with sd_notify. SIGUSR1
 (sent by `mailgate queue flush/release`) makes the scheduler look at the queue again.
+
+With `smtp.workers = N > 1` the SMTP front end runs in N processes, each with its own
+SO_REUSEPORT listener behind the one TPROXY rule, so acceptance (aiosmtpd's parsing and the
+queue's fsync) uses every core; the kernel spreads connections over them. Only the master
+delivers: the workers tell it each queue id they accepted through a pipe, so there is one
+scheduler, as in Postfix (many smtpd, one qmgr).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
+import ssl
+import sys
+from collections.abc import Callable
 
 from proxies import logs, sdnotify
 from proxies.config import Config
@@ -24,6 +34,7 @@ from proxies.tls import client_context, ensure_self_signed, server_context
 from proxies.transparent import make_listeners
 
 STOP_GRACE = 10.0
+PR_SET_PDEATHSIG = 1
 
 
 def smtp_listeners(config: Config) -> list[socket.socket]:
@@ -32,22 +43,42 @@ def smtp_listeners(config: Config) -> list[socket.socket]:
                           reuse_port=config.smtp.workers > 1)
 
 
-async def serve(config: Config, message_filter: MessageFilter | None = None) -> int:
+def _open_queue(config: Config) -> Queue:
     smtp = config.smtp
     smtp.queue_dir.mkdir(parents=True, exist_ok=True)
-    queue = Queue(smtp.queue_dir, retry_min=smtp.retry_min, retry_max=smtp.retry_max,
-                  lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
+    return Queue(smtp.queue_dir, retry_min=smtp.retry_min, retry_max=smtp.retry_max,
+                 lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
+
+
+def _server_tls(config: Config) -> ssl.SSLContext | None:
+    smtp = config.smtp
+    if not smtp.tls:
+        return None
+    if smtp.tls_cert and smtp.tls_key:
+        return server_context(smtp.tls_cert, smtp.tls_key)
+    return server_context(*ensure_self_signed(smtp.queue_dir / "tls", smtp.hostname))
+
+
+def _stop_event() -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def serve(config: Config, message_filter: MessageFilter | None = None,
+                notify_fd: int | None = None) -> int:
+    """The master: front end, delivery scheduler, POP3; `notify_fd` reads workers' ids."""
+    smtp = config.smtp
+    queue = _open_queue(config)
     report = queue.recover()
     logs.event("queue_recovered", queue_dir=str(smtp.queue_dir), **report.as_fields())
     pid_file = smtp.queue_dir / "master.pid"
     pid_file.write_text(f"{os.getpid()}\n")
 
-    tls_server = None
-    if smtp.tls:
-        cert, key = (smtp.tls_cert, smtp.tls_key) if smtp.tls_cert and smtp.tls_key else \
-            ensure_self_signed(smtp.queue_dir / "tls", smtp.hostname)
-        tls_server = server_context(cert, key)
-    else:
+    tls_server = _server_tls(config)
+    if tls_server is None:
         logs.warning("smtp_tls_disabled", reason="smtp.tls = false in the config: STARTTLS is "
                      "neither offered to clients nor used towards servers")
     agent = DeliveryAgent(smtp, queue, spoof_source=config.network.spoof_source,
@@ -64,9 +95,9 @@ async def serve(config: Config, message_filter: MessageFilter | None = None) -> 
         pop3 = await start_pop3(config, build_scanner(config.scan))
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = _stop_event()
+    if notify_fd is not None:
+        loop.add_reader(notify_fd, _pipe_reader(notify_fd, queue, agent.wake))
 
     def rescan() -> None:
         queue.rescan()
@@ -75,7 +106,7 @@ async def serve(config: Config, message_filter: MessageFilter | None = None) -> 
     loop.add_signal_handler(signal.SIGUSR1, rescan)
     delivery = asyncio.create_task(agent.run(), name="delivery-scheduler")
     logs.event("ready", smtp_port=smtp.listen_port, hostname=smtp.hostname,
-               queue_dir=str(smtp.queue_dir), tls=smtp.tls)
+               queue_dir=str(smtp.queue_dir), tls=smtp.tls, workers=smtp.workers)
     sdnotify.notify("READY=1")
     stopped = asyncio.create_task(stop.wait(), name="stop-signal")
     await asyncio.wait({delivery, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -97,6 +128,86 @@ async def serve(config: Config, message_filter: MessageFilter | None = None) -> 
     return 0
 
 
+def _pipe_reader(fd: int, queue: Queue, wake: Callable[[], None]) -> Callable[[], None]:
+    pending = bytearray()
+
+    def read() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:  # every worker is gone
+            asyncio.get_running_loop().remove_reader(fd)
+            return
+        pending.extend(data)
+        *lines, rest = bytes(pending).split(b"\n")
+        pending[:] = rest
+        for line in lines:
+            queue.notice(line.decode("ascii", "replace"))
+        if lines:
+            wake()
+
+    return read
+
+
+async def serve_acceptor(config: Config, notify_fd: int) -> int:
+    """A worker: the SMTP front end only; each queued id goes to the master's pipe."""
+    queue = _open_queue(config)
+
+    def tell_master(queue_id: str) -> None:
+        # One short write per id: atomic on a pipe (under PIPE_BUF), never interleaved.
+        with contextlib.suppress(OSError):
+            os.write(notify_fd, queue_id.encode() + b"\n")
+
+    handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
+                             on_queued=tell_master)
+    front = SmtpFrontEnd(config.smtp, handler, _server_tls(config))
+    await front.start(smtp_listeners(config))
+    stop = _stop_event()
+    await stop.wait()
+    await front.stop()
+    return 0
+
+
+def _start_workers(config: Config, count: int) -> tuple[list[int], int]:
+    """Fork `count` acceptor processes; return their pids and the pipe's read end."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    pids = []
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            # Die with the master, whatever kills it (kill -9 included).
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            code = 1
+            try:
+                code = asyncio.run(serve_acceptor(config, write_fd))
+            except BaseException as exc:  # a worker must never run the master's cleanup
+                logs.error("worker_crashed", exc_info=True, error=repr(exc))
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    os.close(write_fd)
+    return pids, read_fd
+
+
 def run(config: Config) -> int:
     logs.setup(config.log.level, config.log.format == "json")
-    return asyncio.run(serve(config))
+    workers = config.smtp.workers
+    if workers <= 1:
+        return asyncio.run(serve(config))
+    # The self-signed certificate is made once, before the workers would race for it.
+    _server_tls(config)
+    pids, read_fd = _start_workers(config, workers - 1)
+    try:
+        return asyncio.run(serve(config, notify_fd=read_fd))
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

@@ -423,6 +423,13 @@ class Queue:
         except FileNotFoundError:
             return []
 
+    def notice(self, queue_id: str) -> None:
+        """Another process (an acceptor worker) queued `queue_id`: schedule it now, without
+        a rescan of the directories."""
+        if queuefile.is_queue_id(queue_id):
+            with self._lock:
+                self._index.setdefault(queue_id, self.clock())
+
     def rescan(self) -> int:
         """Rebuild the schedule from the directories (after another process changed them:
         other acceptors, `mailgate queue flush/release`). Returns how many are waiting."""

@@ -1,0 +1,182 @@
+"""SMTP throughput, side by side in one run: direct, through a Postfix relay, through mailgate.
+
+    python -m bench.smtp [--count 2000] [--sessions 20] [--sizes 10240,102400]
+
+In one router-mode lab (sender 192.0.2.10, gateway, server 198.51.100.25):
+  (a) smtp-source in the sender -> smtp-sink in the server, the gateway only routing;
+  (b) smtp-source -> a Postfix relay on the gateway's own address (fsync before 250, as
+      Postfix always does) -> smtp-sink;
+  (c) smtp-source -> the server's address, intercepted by netsetup's TPROXY rules and
+      answered by `mailgate run` (queue fsync before 250) -> smtp-sink.
+smtp-source sends one message per connection. "accepted/s" is how fast the client got its
+250s; "delivered/s" counts until the relay's queue is empty again. Latency percentiles come
+from a separate asyncio client (one message per connection, same sessions) per path.
+Needs root; everything lives in namespaces that are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from netsetup.commands import run_in_namespace
+from netsetup.lab.peers.postfix import Postfix
+from netsetup.lab.peers.sink import SmtpSink, smtp_source
+from netsetup.lab.topology import Host, Lab
+
+
+def _wait(check: object, timeout: float) -> float:
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise TimeoutError("timed out waiting for the queue to drain")
+
+
+def _queue_files(queue_dir: Path) -> int:
+    return sum(len(list((queue_dir / d).glob("*")))
+               for d in ("incoming", "active", "deferred") if (queue_dir / d).exists())
+
+
+LATENCY_CLIENT = r'''
+import asyncio, sys, time, json
+host = sys.argv[1]
+port, count, sessions, size = (int(a) for a in sys.argv[2:6])
+body = b"Subject: latency probe\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
+lat = []
+async def one():
+    r, w = await asyncio.open_connection(host, port)
+    async def reply():
+        while True:
+            line = await r.readline()
+            if line[3:4] != b"-":
+                return line
+    await reply()
+    w.write(b"EHLO bench.lab.example\r\n"); await reply()
+    t = time.monotonic()
+    w.write(b"MAIL FROM:<bench@sender.example>\r\n"); await reply()
+    w.write(b"RCPT TO:<sink@example.com>\r\n"); await reply()
+    w.write(b"DATA\r\n"); await reply()
+    w.write(body + b".\r\n"); line = await reply()
+    lat.append(time.monotonic() - t)
+    assert line.startswith(b"250"), line
+    w.write(b"QUIT\r\n"); await reply(); w.close()
+async def worker(n):
+    for _ in range(n):
+        await one()
+async def main():
+    await asyncio.gather(*(worker(count // sessions) for _ in range(sessions)))
+asyncio.run(main())
+print(json.dumps(sorted(lat)))
+'''
+
+
+def latency(lab: Lab, host: Host, server: str, port: int, count: int, sessions: int,
+            size: int) -> tuple[float, float]:
+    import json
+
+    result = lab.run(host, [sys.executable, "-c", LATENCY_CLIENT, server, str(port), str(count),
+                            str(sessions), str(size)], timeout=600)
+    values = json.loads(result.stdout)
+    p50 = statistics.median(values) * 1000
+    p99 = values[min(len(values) - 1, int(len(values) * 0.99))] * 1000
+    return p50, p99
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.smtp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2000, help="messages per run")
+    parser.add_argument("--sessions", type=int, default=20, help="parallel sessions")
+    parser.add_argument("--sizes", default="10240,102400", help="message sizes in bytes")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="smtp.workers for mailgate (0: as many as CPUs)")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
+    workdir.chmod(0o755)
+    rows: list[tuple[str, int, float, float, float, float]] = []
+    with Lab("router") as lab:
+        server_ip = lab.server.ipv4
+        gateway_ip = lab.gateway_address("sender")
+        assert server_ip is not None
+        sink = SmtpSink.start(lab, lab.server, workdir / "sink", backlog=1024)
+        relay = Postfix.relay(lab, lab.gateway, f"[{server_ip}]:25", workdir / "relay",
+                              listen=(f"{gateway_ip}:25",), relay_domains=["example.com"],
+                              extra={"default_process_limit": "200",
+                                     "smtpd_client_connection_count_limit": "0",
+                                     "smtpd_client_connection_rate_limit": "0",
+                                     "default_destination_concurrency_limit": "20"})
+        import os
+
+        workers = args.workers or os.cpu_count() or 1
+        queue_dir = workdir / "queue"
+        config = workdir / "mailgate.toml"
+        config.write_text(textwrap.dedent(f"""\
+            [network]
+            mode = "router"
+            intercept = ["smtp"]
+            ipv6 = false
+            [smtp]
+            hostname = "gateway.lab.example"
+            relay_domains = ["example.com"]
+            queue_dir = "{queue_dir}"
+            max_connections = 1000
+            max_connections_per_client = 1000
+            workers = {workers}
+            tls = false
+            [log]
+            level = "warning"
+            """))
+        applied = run_in_namespace(lab.gateway.netns, "apply", config, workdir / "state.json")
+        if applied.returncode != 0:
+            print(applied.stdout + applied.stderr, file=sys.stderr)
+            return 1
+        log = (workdir / "mailgate.log").open("w")
+        lab.spawn(lab.gateway, [sys.executable, "-m", "proxies.cli", "run", "--config",
+                                str(config)], stdout=log, stderr=log)
+        _wait(lambda: (queue_dir / "master.pid").exists(), 30)
+        time.sleep(1.0)  # workers bind after the master
+        # Direct: the interception rules only take port 25, so the sink listens on 2525 too.
+        direct_sink = SmtpSink.start(lab, lab.server, workdir / "sink2525", port=2525,
+                                     backlog=1024)
+        for size in sizes:
+            for name, target, port in (("direct", server_ip, 2525),
+                                       ("postfix relay", gateway_ip, 25),
+                                       ("mailgate", server_ip, 25)):
+                run = smtp_source(lab, lab.sender, target, port, count=args.count,
+                                  sessions=args.sessions, size=size)
+                if name == "postfix relay":
+                    drained = _wait(lambda: not relay.queue(), 600)
+                elif name == "mailgate":
+                    drained = _wait(lambda: _queue_files(queue_dir) == 0, 600)
+                else:
+                    drained = 0.0
+                delivered = args.count / (run.seconds + drained)
+                p50, p99 = latency(lab, lab.sender, target, port, min(400, args.count),
+                                   args.sessions, size)
+                rows.append((name, size, run.rate, delivered, p50, p99))
+                print(f"{name:14} {size // 1024:4d} KiB  accepted {run.rate:7.0f}/s  "
+                      f"delivered {delivered:7.0f}/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms",
+                      flush=True)
+        direct_sink.stop()
+        sink.stop()
+        run_in_namespace(lab.gateway.netns, "teardown", config, workdir / "state.json")
+    print()
+    for size in sizes:
+        by_name = {r[0]: r for r in rows if r[1] == size}
+        mg, pf, direct = by_name["mailgate"], by_name["postfix relay"], by_name["direct"]
+        print(f"{size // 1024} KiB: mailgate/postfix accepted {mg[2] / pf[2]:.2f}x, "
+              f"delivered {mg[3] / pf[3]:.2f}x; mailgate/direct accepted {mg[2] / direct[2]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
