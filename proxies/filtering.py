@@ -19,12 +19,19 @@ class FilterInput:
     recipients: tuple[str, ...]
     client_address: str
     helo: str
+    # Added for the quarantine, which keeps the envelope to deliver a released message the
+    # way it would have gone (defaults keep older callers working).
+    client_port: int = 0
+    original_destination: tuple[str, int] | None = None
+    smtputf8: bool = False
+    body_8bit: bool = False
 
 
 @dataclass(frozen=True)
 class FilterVerdict:
     action: Action = "pass"
-    # The SMTP reply for reject/tempfail, e.g. "554 5.7.1 Virus found: Eicar-Test-Signature".
+    # The SMTP reply for reject/tempfail, e.g. "554 5.7.1 Virus found: Eicar-Test-Signature";
+    # for quarantine the 250 naming the quarantine id (the filter has stored the message).
     reply: str | None = None
     # The message to queue instead of the original (tag: added headers, subject prefix).
     content: bytes | None = None

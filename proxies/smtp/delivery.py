@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import time
 from collections import defaultdict
@@ -19,7 +20,7 @@ from proxies.config import SmtpConfig
 from proxies.queue import ClaimedMessage, DeliveryResult, Queue
 from proxies.smtp import client as smtp_client
 from proxies.smtp.nexthop import NextHop, NoRoute, resolve_next_hop
-from proxies.transparent import open_onward
+from proxies.transparent import TransparentError, open_onward
 
 
 class DeliveryAgent:
@@ -129,7 +130,7 @@ class DeliveryAgent:
                 reader, writer = await open_onward(
                     address, source=hop.spoof_source, timeout=self.config.connect_timeout)
             except OSError as exc:
-                last_error = f"connect to {_hostport(address)}: {exc.strerror or exc}"
+                last_error = f"connect to {_hostport(address)}: {_os_error_text(exc)}"
                 logs.event("delivery_connect_failed", qid=claimed.queue_id,
                            relay=_hostport(address), error=last_error)
                 continue
@@ -191,6 +192,16 @@ class DeliveryAgent:
             logs.event("delivery_connection_lost", qid=claimed.queue_id, relay=relay, error=text)
             return {rcpt: DeliveryResult(451, f"4.4.2 {relay}: {text}", connected=True)
                     for rcpt in rcpts}
+
+
+def _os_error_text(exc: OSError) -> str:
+    # asyncio's sock_connect puts "Connect call failed ('198.51.100.25', 25)" in strerror;
+    # an administrator reading the queue wants the kernel's reason: "Connection refused".
+    if isinstance(exc, TransparentError | TimeoutError):
+        return exc.strerror or str(exc)  # already says what happened and what to do
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or repr(exc)
 
 
 def _hostport(address: tuple[str, int]) -> str:

@@ -138,7 +138,8 @@ class GatewaySMTP(SMTP):
         line = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
         code = line[:3]
         if (
-            not self._in_ehlo
+            # The EHLO reply lists keywords, not statuses; its errors still get a code.
+            not (self._in_ehlo and code == b"250")
             and code.isdigit()
             and line[3:4] in (b" ", b"")
             and not _HAS_ENHANCED.match(line)
@@ -159,14 +160,35 @@ class GatewaySMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # RFC 5321 4.1.1.3 lets a server ignore source routes; aiosmtpd silently strips them,
         # which would let `<@ours:user@elsewhere>` look like an address for us. Refuse them.
-        if arg.lstrip().startswith("<@"):
+        path = arg.lstrip()
+        if path.startswith("<@"):
+            return None, None
+        # Python's address parser, under aiosmtpd, forgives a missing ">" ("<a@example.org"):
+        # a path is "<" ... ">" (RFC 5321 4.1.2), and a truncated one is refused.
+        if path.startswith("<") and ">" not in path:
             return None, None
         return super()._getaddr(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        # aiosmtpd has one timeout for everything; the data phase gets RFC 5321's longer one.
+        # aiosmtpd has one timeout for everything; the data phase gets RFC 5321's longer one,
+        # and the wait for the next command the command timeout again.
         self._reset_timeout(self.data_timeout)
-        await super().smtp_DATA(arg)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None and not self.transport.is_closing():
+                self._reset_timeout()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd just closes an idle connection; RFC 5321 3.8 wants a 421 first, so the
+        # client knows it was a timeout and not a crash (4.4.2: "bad connection").
+        if self.transport is not None and not self.transport.is_closing():
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(
+                f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+            logs.event("smtp_timeout", conn=self.connection_id,
+                       client=self.client.client_address if self.client else "-")
+        super()._timeout_cb()
 
 
 def _plain_ip(address: str) -> str:
@@ -219,6 +241,9 @@ class GatewayHandler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         # aiosmtpd hands the null reverse-path (RFC 5321 4.5.5, used by bounces) as "<>".
+        verdict = self.relay.check_sender(address)
+        if not verdict.accepted:
+            return verdict.reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -255,8 +280,13 @@ class GatewayHandler:
         sender = "" if envelope.mail_from in ("<>", None) else envelope.mail_from
         recipients = tuple(envelope.rcpt_tos)
         helo = session.host_name or ""
+        # (content filtering) the envelope fields the quarantine keeps for a release.
         verdict = await self.filter.check(
-            FilterInput(sender, recipients, client.client_address, helo), content)
+            FilterInput(sender, recipients, client.client_address, helo,
+                        client_port=client.client_port,
+                        original_destination=client.original_destination,
+                        smtputf8=bool(envelope.smtp_utf8),
+                        body_8bit="BODY=8BITMIME" in envelope.mail_options), content)
         if verdict.action in ("reject", "tempfail"):
             reply = verdict.reply or (
                 "554 5.7.1 Message rejected" if verdict.action == "reject"
@@ -264,6 +294,11 @@ class GatewayHandler:
             logs.event("smtp_filter_" + verdict.action, conn=client.connection_id,
                        reason=verdict.reason, reply=reply)
             return reply
+        if verdict.action == "quarantine":
+            # (content filtering) the filter has stored the message durably; not delivered.
+            logs.event("smtp_quarantined", conn=client.connection_id, reason=verdict.reason,
+                       sender=sender, rcpts=",".join(recipients))
+            return verdict.reply or "250 2.0.0 Ok"
         if verdict.action == "drop":
             logs.event("smtp_dropped", conn=client.connection_id, reason=verdict.reason,
                        sender=sender, rcpts=",".join(recipients))
