@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netsetup.configfile import ConfigError, Network, Section, read_toml
+
+if TYPE_CHECKING:
+    from interceptor.config import InterceptorConfig
 
 # Service name -> (destination port it intercepts, default local port of its proxy).
 SERVICES = {"smtp": (25, 10025), "pop3": (110, 10110)}
@@ -42,6 +45,15 @@ class Interception:
 
 
 @dataclass(frozen=True)
+class QueueSteering:
+    """`[interceptor] enabled`: SYNs to intercepted ports go to an NFQUEUE program first; it
+    sets `mark` on those it wants intercepted (only they reach TPROXY) and passes the rest."""
+
+    queue: int = 0
+    mark: int = 0x2
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
     mode: str = "router"
     bridge: str = "br0"
@@ -58,6 +70,8 @@ class NetworkConfig:
     # fwmark bit TPROXY sets and the policy rule looks for; the table that routes it to `lo`.
     mark: int = 0x1
     route_table: int = 100
+    # Set from [interceptor] (see `with_interceptor`); None: every SYN to a port is intercepted.
+    queue_steering: QueueSteering | None = None
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -148,12 +162,27 @@ def _check_combinations(section: Section, config: NetworkConfig) -> None:
             section.problem("addresses", "holds an IPv6 address but ipv6 = false")
 
 
+def with_interceptor(config: NetworkConfig,
+                     section: Section) -> tuple[NetworkConfig, InterceptorConfig]:
+    """`config` plus the NFQUEUE steering [interceptor] asks for, and that section parsed (the
+    whole section is checked: a typo there is reported by netsetup as well as by mailgate)."""
+    from interceptor.config import check_against_network, interceptor_from_section
+
+    interceptor = interceptor_from_section(section)
+    check_against_network(section, interceptor, config.mark)
+    if interceptor.enabled:
+        config = replace(config, queue_steering=QueueSteering(interceptor.queue,
+                                                              interceptor.mark))
+    return config, interceptor
+
+
 def load_network_config(path: Path) -> NetworkConfig:
-    """Read and check [network] only; other sections are left to their own loaders."""
+    """Read and check [network] and [interceptor]; other sections are left to their loaders."""
     data: dict[str, Any] = read_toml(path)
     section = Section(path, "network", data.get("network"))
-    config = network_from_section(section)
-    problems = section.finish()
+    interceptor = Section(path, "interceptor", data.get("interceptor"))
+    config, _ = with_interceptor(network_from_section(section), interceptor)
+    problems = section.finish() + interceptor.finish()
     if problems:
         raise ConfigError(problems)
     return config

@@ -8,8 +8,9 @@ Interception recipe (measured on this kernel, see /work/shared/NETFILTER-FACTS.m
 - mangle PREROUTING jumps once to our own chain MAILGATE (only from the bridge in bridge mode);
 - in MAILGATE, packets of a socket we already hold transparently (replies to the proxy's
   source-spoofed onward connections) go to MAILGATE_DIVERT, which marks and accepts them, so
-  policy routing delivers them locally; then bypassed sources/destinations RETURN; then each
-  intercepted port is TPROXY'd to its proxy's listen port with the same mark;
+  policy routing delivers them locally; then bypassed sources/destinations RETURN; with
+  [interceptor] enabled, SYNs go to its NFQUEUE (`interceptor_rules`); then each intercepted
+  port is TPROXY'd to its proxy's listen port with the same mark;
 - `fwmark mark/mark lookup <table>` with a `local default dev lo` route in that table turns the
   mark into local delivery;
 - bridge mode also needs the bridge family to hand the frames to the IP layer (netsetup/nft.py).
@@ -135,7 +136,12 @@ class XtRule:
 
 
 def _params_text(params: XtParams) -> str:
-    return "".join(f" --{name}" + "".join(f" {v}" for v in values) for name, values in params)
+    def one(name: str, values: tuple[str, ...]) -> str:
+        if values[:1] == ("!",):  # iptables-save puts the negation before the option
+            return f" ! --{name}" + "".join(f" {v}" for v in values[1:])
+        return f" --{name}" + "".join(f" {v}" for v in values)
+
+    return "".join(one(name, values) for name, values in params)
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,12 @@ def desired_sysctls(config: NetworkConfig) -> dict[str, str]:
     values = {"net.bridge.bridge-nf-call-iptables": "0"}
     if config.ipv6:
         values["net.bridge.bridge-nf-call-ip6tables"] = "0"
+    if config.queue_steering is not None:
+        # The bridge family hands every port-25/110 frame to the IP stack; a connection the
+        # interceptor passes has no local socket there and is routed on (NETFILTER-FACTS.md).
+        values["net.ipv4.ip_forward"] = "1"
+        if config.ipv6:
+            values["net.ipv6.conf.all.forwarding"] = "1"
     return values
 
 
@@ -236,7 +248,11 @@ def desired_routes(config: NetworkConfig) -> tuple[RouteSpec, ...]:
 
 
 def _mark(config: NetworkConfig) -> str:
-    return f"{config.mark:#x}/{config.mark:#x}"
+    return _bit(config.mark)
+
+
+def _bit(mark: int) -> str:
+    return f"{mark:#x}/{mark:#x}"
 
 
 def mangle_table(config: NetworkConfig, family: int) -> XtTable:
@@ -253,10 +269,16 @@ def mangle_table(config: NetworkConfig, family: int) -> XtTable:
         *bypass_rules(config, family),
         *interceptor_rules(config, family),
     ]
+    decided: tuple[tuple[str, XtParams], ...] = ()
+    if config.queue_steering is not None:
+        # Only what the interceptor chose: a bypassed connection's later packets (and its SYN
+        # when no interceptor is bound) must not reach TPROXY, which would hand them to the
+        # listener and reset the connection.
+        decided = (("mark", (("mark", (_bit(config.queue_steering.mark),)),)),)
     for item in config.intercept:
         main.append(XtRule(
             MAIN_CHAIN, "TPROXY", protocol="tcp",
-            matches=(("tcp", (("dport", (str(item.port),)),)),),
+            matches=(("tcp", (("dport", (str(item.port),)),)), *decided),
             target_params=(("on-port", (str(item.listen_port),)), ("on-ip", (any_address,)),
                            ("tproxy-mark", (_mark(config),))),
         ))
@@ -272,13 +294,25 @@ def bypass_rules(config: NetworkConfig, family: int) -> list[XtRule]:
 
 
 def interceptor_rules(config: NetworkConfig, family: int) -> list[XtRule]:
-    """Rules between the bypass RETURNs and the TPROXY rules; none yet.
+    """With [interceptor] enabled, new connections to intercepted ports ask the interceptor.
 
-    The place for the interceptor's NFQUEUE rules (a later issue). The measured recipe: a
-    `--syn --dport 25 -m mark ! --mark 0x2/0x2 -j NFQUEUE --queue-num 0 --queue-bypass` rule
-    here; the program sets mark |= 0x2 and returns the *repeat* verdict, so the packet comes back
-    through PREROUTING and reaches the TPROXY rules below (the *accept* verdict would skip them).
-    Add the options to NetworkConfig and return the rules from here; the apply, status and
-    teardown machinery picks them up as part of MAILGATE without further changes.
+    The measured recipe (NETFILTER-FACTS.md): a SYN to an intercepted port without the decision
+    bit goes to the NFQUEUE; the interceptor either sets the bit and answers *repeat*, so the
+    packet runs through PREROUTING again and reaches the TPROXY rules (which then require the
+    bit), or answers *accept*, which leaves this table at once: the connection is forwarded
+    untouched. `--queue-bypass` turns the rule into an accept when no program is bound, so with
+    the interceptor gone mail flows uninspected rather than not at all. Only SYNs are queued:
+    established connections never wait for a user-space program.
     """
-    return []
+    steering = config.queue_steering
+    if steering is None:
+        return []
+    del family  # the same rules for both families
+    return [
+        XtRule(MAIN_CHAIN, "NFQUEUE", protocol="tcp",
+               matches=(("tcp", (("dport", (str(item.port),)),
+                                 ("tcp-flags", ("FIN,SYN,RST,ACK", "SYN")))),
+                        ("mark", (("mark", ("!", _bit(steering.mark))),))),
+               target_params=(("queue-num", (str(steering.queue),)), ("queue-bypass", ())))
+        for item in config.intercept
+    ]

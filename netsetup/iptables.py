@@ -121,7 +121,10 @@ def _encode(family: int, spec: XtRule) -> Any:
     for name, params in spec.matches:
         match = rule.create_match(name)
         for key, values in params:
-            setattr(match, key.replace("-", "_"), " ".join(values))
+            # Options with several words (`--tcp-flags MASK COMP`, `! --mark M`) go as a list:
+            # iptc hands each word to libxtables as its own argument.
+            value = " ".join(values) if len(values) < 2 else list(values)
+            setattr(match, key.replace("-", "_"), value)
     target = rule.create_target(spec.target)
     for key, values in spec.target_params:
         setattr(target, key.replace("-", "_"), " ".join(values))
