@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10240,102400", help="message sizes in bytes")
     parser.add_argument("--workers", type=int, default=0,
                         help="smtp.workers for mailgate (0: as many as CPUs)")
+    parser.add_argument("--log-level", default="warning", help="mailgate's log level")
+    parser.add_argument("--only", help="run only this path: direct, postfix, mailgate")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             workers = {workers}
             tls = false
             [log]
-            level = "warning"
+            level = "{args.log_level}"
             """))
         applied = run_in_namespace(lab.gateway.netns, "apply", config, workdir / "state.json")
         if applied.returncode != 0:
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, target, port in (("direct", server_ip, 2525),
                                        ("postfix relay", gateway_ip, 25),
                                        ("mailgate", server_ip, 25)):
+                if args.only and not name.startswith(args.only):
+                    continue
                 run = smtp_source(lab, lab.sender, target, port, count=args.count,
                                   sessions=args.sessions, size=size)
                 if name == "postfix relay":
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         sink.stop()
         run_in_namespace(lab.gateway.netns, "teardown", config, workdir / "state.json")
     print()
-    for size in sizes:
+    for size in sizes if not args.only else []:
         by_name = {r[0]: r for r in rows if r[1] == size}
         mg, pf, direct = by_name["mailgate"], by_name["postfix relay"], by_name["direct"]
         print(f"{size // 1024} KiB: mailgate/postfix accepted {mg[2] / pf[2]:.2f}x, "

@@ -7,9 +7,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from interceptor import cli as interceptor_cli
 from netsetup.configfile import DEFAULT_CONFIG_PATH, ConfigError
 from netsetup.lab import cli as lab_cli
 from proxies import tcprelay
+from proxies.quarantine import cli as quarantine_cli
 from proxies.queue import cli as queue_cli
 
 Handler = Callable[[argparse.Namespace], int]
@@ -38,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     lab_cli.add_commands(commands)
     queue_cli.add_commands(commands)
+    quarantine_cli.add_commands(commands)
     tcprelay.add_commands(commands)
+    interceptor_cli.add_commands(commands)  # intercept, status
     demo = commands.add_parser(
         "demo", help="bring up a lab, show interception working, and clean up",
         description="A guided tour in a throwaway lab: needs root; changes nothing outside it.")

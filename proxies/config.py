@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netsetup.config import NetworkConfig, network_from_section
+from interceptor.config import InterceptorConfig
+from netsetup.config import NetworkConfig, network_from_section, with_interceptor
 from netsetup.configfile import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -90,6 +91,7 @@ class Config:
     pop3: Pop3Config
     scan: ScanConfig
     log: LogConfig
+    interceptor: InterceptorConfig = field(default_factory=InterceptorConfig)
 
 
 def _smtp_from_section(section: Section) -> SmtpConfig:
@@ -153,15 +155,19 @@ def _log_from_section(section: Section) -> LogConfig:
 def config_from_data(path: Path, data: dict[str, Any]) -> Config:
     sections = {
         name: Section(path, name, data.get(name))
-        for name in ("network", "smtp", "pop3", "scan", "policy", "quarantine", "log")
+        for name in ("network", "smtp", "pop3", "scan", "policy", "quarantine", "log",
+                     "interceptor")
     }
+    network, interceptor = with_interceptor(network_from_section(sections["network"]),
+                                            sections["interceptor"])
     config = Config(
         path=path,
-        network=network_from_section(sections["network"]),
+        network=network,
         smtp=_smtp_from_section(sections["smtp"]),
         pop3=pop3_from_section(sections["pop3"]),
         scan=scan_from_sections(sections["scan"], sections["policy"], sections["quarantine"]),
         log=_log_from_section(sections["log"]),
+        interceptor=interceptor,
     )
     problems: list[Problem] = []
     for section in sections.values():

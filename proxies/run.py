@@ -21,17 +21,17 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from proxies import logs, sdnotify
 from proxies.config import Config
 from proxies.filtering import MessageFilter
-from proxies.queue import Queue
+from proxies.queue import Queue, QueueError
 from proxies.scan.filter import build_filter, build_scanner
 from proxies.smtp.delivery import DeliveryAgent
 from proxies.smtp.server import GatewayHandler, SmtpFrontEnd
-from proxies.tls import client_context, ensure_self_signed, server_context
-from proxies.transparent import make_listeners
+from proxies.tls import TlsSetupError, client_context, ensure_self_signed, server_context
+from proxies.transparent import TransparentError, make_listeners
 
 STOP_GRACE = 10.0
 PR_SET_PDEATHSIG = 1
@@ -43,20 +43,51 @@ def smtp_listeners(config: Config) -> list[socket.socket]:
                           reuse_port=config.smtp.workers > 1)
 
 
+class StartupError(Exception):
+    """What stops the proxies from starting once the config file is read: a queue directory
+    that cannot be made, a certificate that will not load, a port already taken. `run` reports
+    it as one `mailgate: ...` line and exit status 1, never as a traceback."""
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, TransparentError):
+        return str(exc)  # says what to do about it
+    where = f"{exc.filename}: " if exc.filename else ""
+    return where + (exc.strerror or str(exc))
+
+
+@contextlib.contextmanager
+def _starting(what: str) -> Iterator[None]:
+    """Turn the errors a start-up step can meet into a StartupError about `what`."""
+    try:
+        yield
+    except (TlsSetupError, QueueError) as exc:
+        raise StartupError(f"{what}: {exc}") from None
+    except OSError as exc:
+        raise StartupError(f"{what}: {_reason(exc)}") from None
+
+
 def _open_queue(config: Config) -> Queue:
     smtp = config.smtp
-    smtp.queue_dir.mkdir(parents=True, exist_ok=True)
-    return Queue(smtp.queue_dir, retry_min=smtp.retry_min, retry_max=smtp.retry_max,
-                 lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
+    with _starting(f"queue directory {smtp.queue_dir} (smtp.queue_dir)"):
+        smtp.queue_dir.mkdir(parents=True, exist_ok=True)
+        return Queue(smtp.queue_dir, retry_min=smtp.retry_min, retry_max=smtp.retry_max,
+                     lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
+
+
+async def _start_front(front: SmtpFrontEnd, config: Config) -> None:
+    with _starting(f"cannot listen on port {config.smtp.listen_port} (smtp.listen)"):
+        await front.start(smtp_listeners(config))
 
 
 def _server_tls(config: Config) -> ssl.SSLContext | None:
     smtp = config.smtp
     if not smtp.tls:
         return None
-    if smtp.tls_cert and smtp.tls_key:
-        return server_context(smtp.tls_cert, smtp.tls_key)
-    return server_context(*ensure_self_signed(smtp.queue_dir / "tls", smtp.hostname))
+    with _starting("smtp TLS"):
+        if smtp.tls_cert and smtp.tls_key:
+            return server_context(smtp.tls_cert, smtp.tls_key)
+        return server_context(*ensure_self_signed(smtp.queue_dir / "tls", smtp.hostname))
 
 
 def _stop_event() -> asyncio.Event:
@@ -72,10 +103,11 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
     """The master: front end, delivery scheduler, POP3; `notify_fd` reads workers' ids."""
     smtp = config.smtp
     queue = _open_queue(config)
-    report = queue.recover()
-    logs.event("queue_recovered", queue_dir=str(smtp.queue_dir), **report.as_fields())
     pid_file = smtp.queue_dir / "master.pid"
-    pid_file.write_text(f"{os.getpid()}\n")
+    with _starting(f"queue directory {smtp.queue_dir} (smtp.queue_dir)"):
+        report = queue.recover()
+        pid_file.write_text(f"{os.getpid()}\n")
+    logs.event("queue_recovered", queue_dir=str(smtp.queue_dir), **report.as_fields())
 
     tls_server = _server_tls(config)
     if tls_server is None:
@@ -87,7 +119,7 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
         message_filter = build_filter(config.scan)
     handler = GatewayHandler(smtp, queue, message_filter, on_queued=agent.wake)
     front = SmtpFrontEnd(smtp, handler, tls_server)
-    await front.start(smtp_listeners(config))
+    await _start_front(front, config)
     pop3 = None
     if config.pop3.enabled:
         from proxies.pop3.service import start_pop3
@@ -105,6 +137,11 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
 
     loop.add_signal_handler(signal.SIGUSR1, rescan)
     delivery = asyncio.create_task(agent.run(), name="delivery-scheduler")
+    # [interceptor] enabled: `mailgate intercept` as a supervised child, and a watch on the queue.
+    from interceptor.companion import start_companion
+
+    interceptor = start_companion(config.path, config.interceptor.enabled,
+                                  config.interceptor.queue)
     logs.event("ready", smtp_port=smtp.listen_port, hostname=smtp.hostname,
                queue_dir=str(smtp.queue_dir), tls=smtp.tls, workers=smtp.workers)
     sdnotify.notify("READY=1")
@@ -114,6 +151,8 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
         logs.error("delivery_scheduler_crashed", error=repr(delivery.exception()))
     sdnotify.notify("STOPPING=1")
     logs.event("stopping")
+    if interceptor is not None:
+        await interceptor.stop()
     await front.stop()
     if pop3 is not None:
         await pop3.stop()
@@ -162,7 +201,7 @@ async def serve_acceptor(config: Config, notify_fd: int) -> int:
     handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
                              on_queued=tell_master)
     front = SmtpFrontEnd(config.smtp, handler, _server_tls(config))
-    await front.start(smtp_listeners(config))
+    await _start_front(front, config)
     stop = _stop_event()
     await stop.wait()
     await front.stop()
@@ -196,6 +235,14 @@ def _start_workers(config: Config, count: int) -> tuple[list[int], int]:
 
 def run(config: Config) -> int:
     logs.setup(config.log.level, config.log.format == "json")
+    try:
+        return _run(config)
+    except StartupError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(config: Config) -> int:
     workers = config.smtp.workers
     if workers <= 1:
         return asyncio.run(serve(config))

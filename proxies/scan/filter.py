@@ -1,16 +1,295 @@
-"""Builds the SMTP filter hook from the config (filled in by the filtering work)."""
+"""The SMTP filter hook built from the config: scan, decide, act.
+
+What happens to a message (the README's table):
+
+    verdict   action from           default    reply to the SMTP client
+    clean     -                     pass       250 (message byte-identical, unless
+                                               [policy] add_scan_header)
+    spam      [policy] spam         tag        250; reject when score >= spam_reject_score
+    virus     [policy] virus        reject     554 5.7.1 Virus found: NAME
+    banned    [policy] banned, or   reject     554 5.7.1 Message rejected: WHY
+              the header rule's action
+    failed    [scan] fail_mode      tempfail   451 4.7.1; "pass": 250 with
+                                               X-Mailgate-Scan: not scanned: WHY
+    oversize  [scan] oversize_action pass      250 with X-Mailgate-Scan: not scanned: WHY
+
+Actions: pass (deliver), tag (deliver with X-Spam-Flag/X-Spam-Score/X-Spam-Status and
+X-Mailgate-Scan, and [policy] subject_prefix for spam), reject (5xx at end of DATA),
+quarantine (kept in [quarantine] dir, not delivered, 250 with the quarantine id), drop
+(250, discarded, logged).
+
+One policy per message. The filter runs once, at the end of DATA, and the reply to the final
+dot is the only answer SMTP gives for the content; it is the same for every recipient (RFC
+5321 4.2.5 allows per-recipient replies only with LMTP). So the [policy] section applies to
+the whole message whoever the recipients are; per-recipient preferences would need the
+message split into one transaction per recipient, which this gateway does not do.
+
+A message that keeps timing a scanner out is not rescanned forever: with fail_mode
+"tempfail" each timeout is remembered by the SHA-256 of the content for [scan]
+timeout_memory; the max_timeouts-th time the same content times out it is quarantined
+(verdict failed, 250 to the client) instead of tempfailed again, for a human to look at and
+release. The memory is per process (a restart or each of several workers starts afresh,
+which only delays the hold).
+"""
 
 from __future__ import annotations
 
-from proxies.filtering import MessageFilter, NoFilter
-from proxies.scan.api import ContentScanner
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from proxies import logs
+from proxies.filtering import Action, FilterInput, FilterVerdict, MessageFilter, NoFilter
+from proxies.quarantine import Quarantine
+from proxies.scan.api import ContentScanner, ScanResult
+from proxies.scan.clamd import ClamdClient
 from proxies.scan.config import ScanConfig
+from proxies.scan.engine import MultiScanner, ScannerClient
+from proxies.scan.rspamd import RspamdClient
+from proxies.scan.rules import ContentRules
+from proxies.scan.spamd import SpamdClient
+from proxies.scan.tagging import field, sanitise, tag
+
+SCAN_HEADER = "X-Mailgate-Scan"
+SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
+TEMPFAIL_REPLY = "451 4.7.1 Message cannot be scanned now, try again later"
+# Entries kept by TimeoutMemory at most (the oldest go first).
+TIMEOUT_MEMORY_ENTRIES = 10000
+
+
+class TimeoutMemory:
+    """Content hash -> how often it timed a scanner out, within `window` seconds."""
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic,
+                 limit: int = TIMEOUT_MEMORY_ENTRIES) -> None:
+        self.window = window
+        self.clock = clock
+        self.limit = limit
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def record(self, digest: str) -> int:
+        """Count one more timeout of this content; return the count (1 the first time)."""
+        now = self.clock()
+        count, first = self._seen.pop(digest, (0, now))
+        if now - first > self.window:
+            count, first = 0, now
+        self._seen[digest] = (count + 1, first)
+        while len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+        return count + 1
+
+    def forget(self, digest: str) -> None:
+        self._seen.pop(digest, None)
+
+
+class ScanFilter:
+    """The MessageFilter of proxies.filtering for a ScanConfig (see the module docstring)."""
+
+    def __init__(self, config: ScanConfig, scanner: ContentScanner,
+                 quarantine: Quarantine | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.scanner = scanner
+        self._quarantine = quarantine
+        self.timeouts = TimeoutMemory(config.timeout_memory, clock)
+
+    @property
+    def quarantine(self) -> Quarantine:
+        if self._quarantine is None:
+            self._quarantine = Quarantine(self.config.quarantine.dir,
+                                          retention=self.config.quarantine.retention)
+        return self._quarantine
+
+    async def check(self, message: FilterInput, content: bytes) -> FilterVerdict:
+        started = time.monotonic()
+        result = await self.scanner.scan(content)
+        action, why = self.decide(result, content)
+        verdict = await self.act(action, why, result, message, content)
+        fields: dict[str, Any] = {"verdict": result.verdict, "action": verdict.action,
+                  "scanners": ",".join(result.scanners), "sender": message.sender or "<>",
+                  "rcpts": ",".join(message.recipients), "client": message.client_address,
+                  "size": len(content), "seconds": round(time.monotonic() - started, 3)}
+        if result.score is not None:
+            fields["score"] = result.score
+        if result.virus:
+            fields["virus"] = result.virus
+        if why or result.reason:
+            fields["reason"] = why or result.reason
+        if result.verdict == "failed":
+            logs.warning("scan_failed", **fields)
+        else:
+            logs.event("scan_done", **fields)
+        return verdict
+
+    # --- deciding ---------------------------------------------------------------------------
+
+    def decide(self, result: ScanResult, content: bytes) -> tuple[Action, str]:
+        """The action for a scan result and, when it is not plain policy, why."""
+        policy = self.policy
+        if result.verdict == "clean":
+            return "pass", ""
+        if result.verdict == "spam":
+            limit = policy.spam_reject_score
+            if limit is not None and result.score is not None and result.score >= limit:
+                return "reject", f"spam score {result.score:g} >= {limit:g}"
+            return _action(policy.spam), ""
+        if result.verdict == "virus":
+            return _action(policy.virus), ""
+        if result.verdict == "banned":
+            return _action(result.action or policy.banned), ""
+        if result.oversize:
+            return _action(self.config.oversize_action), ""
+        if self.config.fail_mode == "pass":
+            return "pass", ""
+        if result.timed_out:
+            digest = hashlib.sha256(content).hexdigest()
+            count = self.timeouts.record(digest)
+            if count >= self.config.max_timeouts:
+                self.timeouts.forget(digest)
+                return "quarantine", f"scan timed out {count} times"
+        return "tempfail", ""
+
+    # --- acting ---------------------------------------------------------------------------
+
+    async def act(self, action: Action, why: str, result: ScanResult, message: FilterInput,
+                  content: bytes) -> FilterVerdict:
+        reason = why or _describe(result)
+        if action == "pass":
+            headers = []
+            if result.verdict == "failed" or self.policy.add_scan_header:
+                headers = [field(SCAN_HEADER, scan_header_value(result))]
+            changed = tag(content, headers, remove=(SCAN_HEADER,)) if headers else None
+            return FilterVerdict("pass", content=changed, reason=reason)
+        if action == "tag":
+            return FilterVerdict("tag", content=self.tagged(result, content), reason=reason)
+        if action == "reject":
+            return FilterVerdict("reject", reply=reject_reply(result, why), reason=reason)
+        if action == "tempfail":
+            return FilterVerdict("tempfail", reply=TEMPFAIL_REPLY, reason=reason)
+        if action == "drop":
+            return FilterVerdict("drop", reason=reason)
+        return await self._quarantine_message(result, why, message, content)
+
+    def tagged(self, result: ScanResult, content: bytes) -> bytes:
+        headers = []
+        prefix = ""
+        if result.verdict == "spam":
+            score = result.score or 0.0
+            threshold = result.threshold if result.threshold is not None else 0.0
+            headers += [
+                field("X-Spam-Flag", "YES"),
+                field("X-Spam-Score", f"{score:.1f}"),
+                field("X-Spam-Status", f"Yes, score={score:.1f} required={threshold:.1f} "
+                                       f"tests={','.join(result.rules) or 'none'}"),
+            ]
+            prefix = self.policy.subject_prefix
+        headers.append(field(SCAN_HEADER, scan_header_value(result)))
+        return tag(content, headers, remove=(*SPAM_HEADERS, SCAN_HEADER), subject_prefix=prefix)
+
+    async def _quarantine_message(self, result: ScanResult, why: str, message: FilterInput,
+                                  content: bytes) -> FilterVerdict:
+        reason = why or _describe(result)
+        try:
+            quarantine = self.quarantine
+            entry_id = await asyncio.to_thread(
+                quarantine.store, sender=message.sender, recipients=message.recipients,
+                content=content, result=result, reason=reason, source="smtp",
+                client_address=message.client_address, client_port=message.client_port,
+                helo=message.helo, original_destination=message.original_destination,
+                smtputf8=message.smtputf8, body_8bit=message.body_8bit)
+        except OSError as exc:
+            logs.error("quarantine_write_failed", error=str(exc), reason=reason)
+            return FilterVerdict("tempfail", reply="451 4.3.0 Error: quarantine write error",
+                                 reason=reason)
+        logs.event("quarantined", id=entry_id, verdict=result.verdict, reason=reason,
+                   sender=message.sender or "<>", rcpts=",".join(message.recipients))
+        return FilterVerdict("quarantine", reply=f"250 2.0.0 Ok: quarantined as {entry_id}",
+                             reason=reason)
+
+
+def _action(name: str) -> Action:
+    actions: dict[str, Action] = {"pass": "pass", "tag": "tag", "reject": "reject",
+                                  "quarantine": "quarantine", "drop": "drop",
+                                  "tempfail": "tempfail"}
+    return actions[name]
+
+
+def _describe(result: ScanResult) -> str:
+    if result.verdict == "virus":
+        return f"virus {result.virus}"
+    if result.verdict == "spam":
+        return f"spam score {result.score:g}" if result.score is not None else "spam"
+    if result.verdict in ("banned", "failed"):
+        return result.reason or result.verdict
+    return "clean"
+
+
+def scan_header_value(result: ScanResult) -> str:
+    """X-Mailgate-Scan: what was found and which scanners looked."""
+    scanners = f" ({', '.join(result.scanners)})" if result.scanners else ""
+    if result.verdict == "failed":
+        return f"not scanned: {result.reason or 'scanner failure'}{scanners}"
+    if result.verdict == "spam":
+        return f"spam score={result.score or 0:.1f} required={result.threshold or 0:.1f}" \
+               f"{scanners}"
+    if result.verdict == "virus":
+        return f"virus {result.virus}{scanners}"
+    if result.verdict == "banned":
+        return f"banned: {result.reason}{scanners}"
+    return f"clean{scanners}"
+
+
+def reject_reply(result: ScanResult, why: str = "") -> str:
+    """The 5xx for a rejected message (RFC 3463 5.7.1: delivery not authorized, message
+    refused; 5.3.4: message too big for system)."""
+    if result.verdict == "virus":
+        return f"554 5.7.1 Virus found: {sanitise(result.virus or 'unknown')[:200]}"
+    if result.verdict == "spam":
+        return f"554 5.7.1 Message rejected as spam ({sanitise(why)[:200]})" if why \
+            else "554 5.7.1 Message rejected as spam"
+    if result.oversize:
+        return "552 5.3.4 Message too big to be scanned"
+    if result.verdict == "banned":
+        return f"554 5.7.1 Message rejected: {sanitise(result.reason)[:300]}"
+    return "554 5.7.1 Message rejected"
+
+
+def build_multi_scanner(config: ScanConfig) -> MultiScanner:
+    clients: list[ScannerClient] = []
+    if config.clamd is not None:
+        clients.append(ClamdClient(config.clamd))
+    if config.spamd is not None:
+        clients.append(SpamdClient(config.spamd))
+    if config.rspamd is not None:
+        clients.append(RspamdClient(config.rspamd))
+    return MultiScanner(clients, ContentRules(config.policy), config.max_size)
 
 
 def build_filter(config: ScanConfig) -> MessageFilter:
-    return NoFilter()
+    if not config.enabled:
+        return NoFilter()
+    quarantine = None
+    if config.quarantine.dir.is_dir():
+        # The daemon's start is one of the two times old entries are purged (list the other).
+        try:
+            quarantine = Quarantine(config.quarantine.dir,
+                                    retention=config.quarantine.retention)
+            removed = quarantine.purge()
+            if removed:
+                logs.event("quarantine_purged", count=removed, dir=str(config.quarantine.dir))
+        except OSError as exc:
+            logs.warning("quarantine_purge_failed", error=str(exc))
+            quarantine = None
+    return ScanFilter(config, build_multi_scanner(config), quarantine)
 
 
 def build_scanner(config: ScanConfig) -> ContentScanner | None:
-    """The configured scanners as one ContentScanner, or None when none is configured."""
-    return None
+    """The configured scanners (and content rules) as one ContentScanner, or None when none
+    is configured."""
+    if not config.scanners and not config.policy.has_content_rules:
+        return None
+    return build_multi_scanner(config)

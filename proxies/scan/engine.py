@@ -1,0 +1,88 @@
+"""All configured scanners as one ContentScanner, with the content rules in front.
+
+Order: the content rules first (no I/O; a banned attachment needs no virus scan), then the
+size cap, then every scanner at once. Their answers combine by severity:
+
+    virus  >  failed (a scanner error, timeout or over its cap)  >  spam  >  clean
+
+so a virus found by clamd is reported even when spamd timed out, and spam is never reported
+for a message that was not completely scanned (failed: [scan] fail_mode decides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+from proxies.scan.api import ScanResult
+from proxies.scan.rules import ContentRules
+
+# Messages bigger than this are parsed for the content rules in a thread, so a large
+# message does not stall every other session on the event loop.
+PARSE_IN_THREAD = 256 * 1024
+_SEVERITY = {"virus": 4, "failed": 3, "spam": 2, "clean": 1, "banned": 5}
+
+
+class ScannerClient(Protocol):
+    name: str
+
+    async def scan(self, content: bytes) -> ScanResult: ...
+
+    def close(self) -> None: ...
+
+
+class MultiScanner:
+    def __init__(self, clients: Sequence[ScannerClient], rules: ContentRules,
+                 max_size: int) -> None:
+        self.clients = tuple(clients)
+        self.rules = rules
+        self.max_size = max_size
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.clients)
+
+    async def scan(self, content: bytes) -> ScanResult:
+        if self.rules.active:
+            if len(content) > PARSE_IN_THREAD:
+                hit = await asyncio.to_thread(self.rules.check, content)
+            else:
+                hit = self.rules.check(content)
+            if hit is not None:
+                return hit.result()
+        if not self.clients:
+            return ScanResult("clean", scanners=("rules",) if self.rules.active else ())
+        if len(content) > self.max_size:
+            return ScanResult("failed", oversize=True, reason=f"message of {len(content)} "
+                              f"bytes is over the scan limit of {self.max_size}")
+        results = await asyncio.gather(*(c.scan(content) for c in self.clients))
+        return combine(results)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def combine(results: Sequence[ScanResult]) -> ScanResult:
+    """One result from several scanners' (see the module docstring)."""
+    worst = max(results, key=lambda r: _SEVERITY[r.verdict])
+    scanners = tuple(name for r in results for name in r.scanners)
+    output = tuple(line for r in results for line in r.output)
+    scored = [r for r in results if r.score is not None]
+    spam = next((r for r in scored if r.verdict == "spam"), scored[0] if scored else None)
+    failed = [r for r in results if r.verdict == "failed"]
+    return ScanResult(
+        verdict=worst.verdict,
+        score=spam.score if spam else None,
+        threshold=spam.threshold if spam else None,
+        rules=tuple(rule for r in results for rule in r.rules),
+        virus=worst.virus,
+        reason="; ".join(r.reason for r in failed) if worst.verdict == "failed"
+        else worst.reason,
+        scanners=scanners,
+        action=worst.action,
+        timed_out=any(r.timed_out for r in failed),
+        oversize=any(r.oversize for r in failed),
+        output=output,
+    )
