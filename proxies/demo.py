@@ -15,13 +15,16 @@ import sys
 import tempfile
 import textwrap
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from netsetup.commands import run_in_namespace
+from netsetup.lab.peers.clamd import EICAR, Clamd
 from netsetup.lab.peers.postfix import Postfix, PostfixInstance
 from netsetup.lab.peers.sink import swaks
+from netsetup.lab.peers.spamd import GTUBE, Spamd
 from netsetup.lab.topology import Lab, LabError
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
@@ -96,6 +99,19 @@ class Demo:
             transport = {{ "sender.example" = "{lab.sender.ipv4}:25" }}
             retry_min = "2s"
             retry_max = "4s"
+
+            [scan]
+            clamd = "tcp:127.0.0.1:3310"
+            spamd = "127.0.0.1:783"
+
+            [policy]
+            virus = "reject"
+            spam = "tag"
+            subject_prefix = "[SPAM] "
+            banned_extensions = ["exe", "scr", "pif", "bat", "cmd", "com", "vbs", "js"]
+
+            [quarantine]
+            dir = "{self.dir / 'quarantine'}"
             """))
 
     def start_gateway(self) -> None:
@@ -135,8 +151,12 @@ class Demo:
         sender = Postfix.sender(lab, lab.sender, {"example.com": f"[{lab.server.ipv4}]:25"},
                                 self.dir / "sender-postfix",
                                 listen=("127.0.0.1:25", f"{lab.sender.ipv4}:25"))
+        Clamd.start(lab, lab.gateway, self.dir / "clamd")
+        Spamd.start(lab, lab.gateway, self.dir / "spamd")
         self.start_gateway()
-        say("The server's Postfix takes mail for example.com (only alice exists). The sender's "
+        say("On the box: ClamAV (clamd, with a test signature database) and SpamAssassin "
+            "(spamd, Debian's rules), which mailgate asks about every message. "
+            "The server's Postfix takes mail for example.com (only alice exists). The sender's "
             "Postfix sends example.com mail straight to the server's address: it knows nothing "
             "of mailgate. mailgate runs on the box.")
 
@@ -191,11 +211,44 @@ class Demo:
             "arrived in the sender's mailbox:")
         show(bounce, limit=12)
 
-        step(8, "What mailgate logged (one line per event; every line of a mail carries qid=)")
+        step(8, "Scanning: a clean, an infected and a spam message")
+        self._scanning(server)
+
+        step(9, "What mailgate logged (one line per event; every line of a mail carries qid=)")
         show("\n".join(line for line in self.log.read_text().splitlines()
                        if "event=smtp_accepted" in line or "event=delivery " in line
-                       or "event=bounced" in line)[:4000], limit=12)
+                       or "event=bounced" in line or "event=smtp_filter" in line)[:6000],
+             limit=16)
         return 0
+
+    def _scanning(self, server: PostfixInstance) -> None:
+        lab = self.lab
+        before = len(server.deliveries())
+        clean = swaks(lab, lab.sender, self.server_ip, mail_from="bob@sender.example",
+                      rcpt="alice@example.com", body="Lunch at noon?")
+        say("A clean message: accepted and delivered unchanged, apart from mailgate's trace "
+            "header. " + _last_reply(clean.stdout))
+        eicar_file = self.dir / "invoice.zip"
+        with zipfile.ZipFile(eicar_file, "w") as archive:
+            archive.writestr("invoice.txt", EICAR)
+        infected = swaks(lab, lab.sender, self.server_ip, mail_from="bob@sender.example",
+                         rcpt="alice@example.com", attach=[eicar_file], check=False)
+        say("A message with the EICAR test virus, zipped as an attachment: refused during the "
+            "SMTP session, so the sender's own server has to report it and nothing reaches "
+            "alice. " + _last_reply(infected.stdout))
+        spam = swaks(lab, lab.sender, self.server_ip, mail_from="bob@sender.example",
+                     rcpt="alice@example.com", body="Cheap pills! " + GTUBE.decode(),
+                     extra_args=["--header", "Subject: you have won"])
+        say("A spam message (the GTUBE test string): delivered, but tagged. "
+            + _last_reply(spam.stdout))
+        deliveries = server.wait_for_messages(before + 2, timeout=60)
+        tagged = deliveries[-1].content.decode(errors="replace")
+        show("\n".join(line for line in tagged.splitlines()
+                       if line.startswith(("Subject:", "X-Spam-Flag", "X-Spam-Score",
+                                           "X-Mailgate-Scan")))
+             or "(no tags found)")
+        say(f"alice received {len(deliveries) - before} of the 3 messages: the clean one and "
+            "the tagged spam.")
 
     def _wait_for_bounce(self, sender: PostfixInstance) -> str:
         def bounce() -> str | None:
@@ -211,12 +264,19 @@ class Demo:
         return result
 
     def cleanup(self) -> None:
-        step(9, "Cleaning up")
+        step(10, "Cleaning up")
         if self.lab.gateway.netns in {n for n in os.listdir("/run/netns")}:
             torn = run_in_namespace(self.lab.gateway.netns, "teardown", self.config, self.state)
             say(f"'netsetup teardown' removed what netsetup installed (exit {torn.returncode}).")
         self.lab.down()
         say("The lab's namespaces and every process in them are gone.")
+
+
+def _last_reply(transcript: str) -> str:
+    """The server's reply to the end of the message, from a swaks transcript."""
+    replies = [line[4:].strip() for line in transcript.splitlines()
+               if line.startswith(("<-  ", "<** ")) and line[4:7] not in ("221", "354")]
+    return f"mailgate answered: {replies[-1]}" if replies else ""
 
 
 def _mailgate_received(raw: bytes) -> str:
