@@ -1,20 +1,124 @@
-"""The `[pop3]` section (filled in by the POP3 proxy work)."""
+"""The `[pop3]` section: typed, validated, unknown keys rejected (with file and key).
+
+    [pop3]
+    enabled = false
+    listen = 10110                # where netsetup's TPROXY rule hands port 110 to
+    max_connections = 200
+    max_connections_per_client = 20
+    client_timeout = "10m"        # RFC 1939 3: the autologout timer is at least 10 minutes
+    server_timeout = "2m"         # the server's reply (or the next chunk of it)
+    connect_timeout = "30s"
+    spool_threshold = "8M"        # a message larger than this waits on disk, not in memory
+    spool_dir = ""                # "" = the system's temporary folder
+    max_scan_size = "25M"         # larger messages are not scanned (oversize_action)
+    scan_timeout = "2m"
+    keepalive_after = "10s"       # hold the status line this long, then keep the client alive
+    keepalive_interval = "10s"
+    spam = "tag"                  # "tag" or "pass"
+    virus = "replace"             # "replace" (notice + quarantine) or "pass"
+    banned = "replace"
+    fail_mode = "tempfail"        # scanner failed: "tempfail" (-ERR, left on the server) or "pass"
+    oversize_action = "pass"      # "pass" or "tempfail"
+    subject_prefix = "[SPAM] "    # "" = tag with headers only
+    scan_top = true               # scan TOP responses too (fetchmail keep mode uses TOP)
+    tls = "terminate"             # "terminate", "passthrough" or "strip"
+    tls_cert = ""                 # with tls_key; "" = a self-signed one made at first start
+    tls_key = ""
+    cache_ttl = "1h"              # remember verdicts per (server, user, UIDL); 0 = off
+    hostname = ""                 # for notices; "" = the [smtp] hostname
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from netsetup.configfile import Section
+
+__all__ = ["Pop3Config", "pop3_from_section"]
+
+TLS_MODES = ("terminate", "passthrough", "strip")
 
 
 @dataclass(frozen=True)
 class Pop3Config:
     enabled: bool = False
     listen_port: int = 10110
+    max_connections: int = 200
+    max_connections_per_client: int = 20
+    client_timeout: float = 600.0
+    server_timeout: float = 120.0
+    connect_timeout: float = 30.0
+    spool_threshold: int = 8 * 1024 * 1024
+    spool_dir: Path | None = None
+    max_scan_size: int = 25 * 1024 * 1024
+    scan_timeout: float = 120.0
+    keepalive_after: float = 10.0
+    keepalive_interval: float = 10.0
+    spam_action: str = "tag"
+    virus_action: str = "replace"
+    banned_action: str = "replace"
+    fail_mode: str = "tempfail"
+    oversize_action: str = "pass"
+    subject_prefix: str = "[SPAM] "
+    scan_top: bool = True
+    tls: str = "terminate"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    cache_ttl: float = 3600.0
+    hostname: str = ""
+
+
+def _path_or_none(value: object) -> Path | None:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path string, got {value!r}")
+    return Path(value) if value else None
 
 
 def pop3_from_section(section: Section) -> Pop3Config:
-    return Pop3Config(
-        enabled=section.boolean("enabled", False),
-        listen_port=section.port("listen", 10110),
+    d = Pop3Config()
+    config = Pop3Config(
+        enabled=section.boolean("enabled", d.enabled),
+        listen_port=section.port("listen", d.listen_port),
+        max_connections=section.integer("max_connections", d.max_connections, 1, 100_000),
+        max_connections_per_client=section.integer(
+            "max_connections_per_client", d.max_connections_per_client, 1, 100_000),
+        client_timeout=section.duration("client_timeout", d.client_timeout),
+        server_timeout=section.duration("server_timeout", d.server_timeout),
+        connect_timeout=section.duration("connect_timeout", d.connect_timeout),
+        spool_threshold=section.size("spool_threshold", d.spool_threshold),
+        spool_dir=section.converted("spool_dir", _path_or_none, d.spool_dir),
+        max_scan_size=section.size("max_scan_size", d.max_scan_size),
+        scan_timeout=section.duration("scan_timeout", d.scan_timeout),
+        keepalive_after=section.duration("keepalive_after", d.keepalive_after),
+        keepalive_interval=section.duration("keepalive_interval", d.keepalive_interval),
+        spam_action=section.choice("spam", ("tag", "pass"), d.spam_action),
+        virus_action=section.choice("virus", ("replace", "pass"), d.virus_action),
+        banned_action=section.choice("banned", ("replace", "pass"), d.banned_action),
+        fail_mode=section.choice("fail_mode", ("tempfail", "pass"), d.fail_mode),
+        oversize_action=section.choice("oversize_action", ("pass", "tempfail"),
+                                       d.oversize_action),
+        subject_prefix=section.string("subject_prefix", d.subject_prefix),
+        scan_top=section.boolean("scan_top", d.scan_top),
+        tls=section.choice("tls", TLS_MODES, d.tls),
+        tls_cert=section.converted("tls_cert", _path_or_none, None),
+        tls_key=section.converted("tls_key", _path_or_none, None),
+        cache_ttl=section.duration("cache_ttl", d.cache_ttl),
+        hostname=section.string("hostname", d.hostname),
     )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        section.problem("tls_cert", "tls_cert and tls_key go together")
+    for key, value in (("client_timeout", config.client_timeout),
+                       ("server_timeout", config.server_timeout),
+                       ("connect_timeout", config.connect_timeout),
+                       ("scan_timeout", config.scan_timeout),
+                       ("keepalive_interval", config.keepalive_interval)):
+        if value <= 0:
+            section.problem(key, "must be more than 0")
+    if config.spool_threshold < 64 * 1024:
+        section.problem("spool_threshold", "must be at least 64K")
+    if "\r" in config.subject_prefix or "\n" in config.subject_prefix:
+        section.problem("subject_prefix", "must be one line")
+    elif not config.subject_prefix.isascii():
+        section.problem("subject_prefix", "must be ASCII (it goes into a header unencoded)")
+    return config

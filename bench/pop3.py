@@ -1,0 +1,175 @@
+"""POP3 throughput through the gateway against the same client fetching from Dovecot directly.
+
+Not a test: run it as root, `python -m bench.pop3 [--messages 200] [--size 100K]`. It builds a
+router-mode lab, fills a Dovecot mailbox, applies netsetup in the gateway and runs `mailgate
+run` there, then fetches every message with poplib (RETR) from the sender:
+
+- directly: from an address in bypass_sources, so Dovecot is reached without the proxy;
+- through `mailgate relay` (proxies.tcprelay): bytes only, the ceiling for any proxy here;
+- through the proxy with scanning off (no scanner configured);
+- through the proxy with scanning on (clamd, from the lab helper; cache_ttl = 0 so every
+  message is scanned).
+
+Each path runs `--rounds` times; the best round counts. It prints MB/s and messages/s for a
+mailbox of big messages and one of small ones, and the ratios to direct. The goal with scanning
+off is at least 0.8 of direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from netsetup.configfile import parse_size
+from netsetup.lab.peers._common import in_netns, wait_exit
+from netsetup.lab.peers.clamd import Clamd
+from netsetup.lab.topology import Lab
+from tests.lab.tcp_probes import JsonLines
+from tests.lab.test_interception import apply_with_netsetup, bypass_address, network_config
+from tests.lab.test_pop3_lab import BoundPOP3, DualStackDovecot
+from tests.unit.test_pop3_support import message
+
+ROOT = Path(__file__).resolve().parents[1]
+MAILBOXES = {"big": "secret", "small": "secret"}
+
+
+@dataclass
+class Round:
+    seconds: float
+    octets: int
+    messages: int
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.octets / self.seconds / 1e6
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.messages / self.seconds
+
+
+def fetch_all(lab: Lab, user: str, source: str) -> Round:
+    server = lab.server.ipv4
+    assert server is not None
+
+    def session() -> Round:
+        pop = BoundPOP3(server, 110, timeout=60, source=(source, 0))
+        pop.user(user)
+        pop.pass_(MAILBOXES[user])
+        count, _size = pop.stat()
+        octets = 0
+        started = time.perf_counter()
+        for number in range(1, count + 1):
+            _status, _lines, size = pop.retr(number)
+            octets += size
+        seconds = time.perf_counter() - started
+        pop.quit()
+        return Round(seconds, octets, count)
+
+    return in_netns(lab.sender, session)
+
+
+def start_relay(lab: Lab) -> subprocess.Popen[bytes]:
+    """The protocol-less transparent TCP relay on the POP3 port: the ceiling for any proxy."""
+    process = lab.spawn(lab.gateway, [sys.executable, "-m", "proxies.tcprelay", "--port",
+                                      "10110", "--json-events"], cwd=ROOT,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    JsonLines(process).wait_for(lambda e: e["event"] == "listening", what="relay listening")
+    return process
+
+
+def start_proxy(lab: Lab, work: Path, scanning: bool) -> subprocess.Popen[bytes]:
+    lines = [network_config(lab, spoof=True),
+             "[smtp]", f'queue_dir = "{work / "queue"}"', 'hostname = "gw.lab.example"',
+             "[pop3]", "enabled = true", "cache_ttl = 0",
+             "[quarantine]", f'dir = "{work / "quarantine"}"', "[log]", 'level = "warning"',
+             'format = "json"']
+    if scanning:
+        lines += ["[scan]", f'clamd = "unix:{work / "clamd" / "clamd.sock"}"']
+    config = work / ("scan.toml" if scanning else "noscan.toml")
+    config.write_text("\n".join(lines) + "\n")
+    process = lab.spawn(lab.gateway, [sys.executable, "-m", "proxies.cli", "run", "--config",
+                                      str(config)], cwd=ROOT, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)
+    # Readiness: at log level warning nothing is printed, so poll for the listener.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = lab.run(lab.gateway, ["ss", "-Hltn", "sport = :10110"], check=False).stdout
+        if out.strip():
+            return process
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    JsonLines(process).settle(0.5)
+    raise SystemExit("bench: the proxy did not start")
+
+
+def stop_proxy(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    wait_exit(process, 15)
+
+
+def best(lab: Lab, user: str, source: str, rounds: int) -> Round:
+    return min((fetch_all(lab, user, source) for _ in range(rounds)), key=lambda r: r.seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pop3", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--messages", type=int, default=200, help="big messages (default 200)")
+    parser.add_argument("--size", default="100K", help="size of each big message (100K)")
+    parser.add_argument("--small", type=int, default=500, help="5 KB messages (default 500)")
+    parser.add_argument("--rounds", type=int, default=3, help="fetches per path (default 3)")
+    args = parser.parse_args(argv)
+    size = parse_size(args.size)
+    line = b"abcdefghij" * 7 + b"\r\n"
+    with tempfile.TemporaryDirectory(prefix="mailgate-bench-") as tmp, Lab("router") as lab:
+        work = Path(tmp)
+        for family, prefix in ((4, 24), (6, 64)):
+            lab.ip(lab.sender, f"-{family}", "addr", "add",
+                   f"{bypass_address(family)}/{prefix}", "dev", "eth0",
+                   *(["nodad"] if family == 6 else []))
+        dovecot = DualStackDovecot(lab, lab.server, work / "dovecot", MAILBOXES, "::", 110,
+                                   False).start()
+        for n in range(args.messages):
+            dovecot.deliver("big", message(f"big {n}", line * (size // len(line))))
+        for n in range(args.small):
+            dovecot.deliver("small", message(f"small {n}", line * (5000 // len(line))))
+        Clamd.start(lab, lab.gateway, work / "clamd", tcp=None)
+        network = work / "network.toml"
+        network.write_text(network_config(lab, spoof=True))
+        apply_with_netsetup(lab, network, work / "netsetup-state.json")
+        sender = lab.sender.ipv4
+        assert sender is not None
+
+        results: dict[str, dict[str, Round]] = {}
+        results["direct"] = {u: best(lab, u, bypass_address(4), args.rounds) for u in MAILBOXES}
+        for name, scanning in (("tcprelay (no protocol)", None), ("proxy, scanning off", False),
+                               ("proxy, scanning on (clamd)", True)):
+            process = (start_relay(lab) if scanning is None
+                       else start_proxy(lab, work, scanning))
+            try:
+                results[name] = {u: best(lab, u, sender, args.rounds) for u in MAILBOXES}
+            finally:
+                stop_proxy(process)
+        direct = results["direct"]
+        print(f"POP3 RETR with poplib, router lab, best of {args.rounds}: "
+              f"{args.messages} x {size // 1024} KiB and {args.small} x 5 KB")
+        print(f"{'path':30} {'MB/s':>8} {'ratio':>6} {'msg/s (5 KB)':>13} {'ratio':>6}")
+        for name, by_user in results.items():
+            big, small = by_user["big"], by_user["small"]
+            print(f"{name:30} {big.mb_per_s:8.1f} {big.mb_per_s / direct['big'].mb_per_s:6.2f} "
+                  f"{small.messages_per_s:13.0f} "
+                  f"{small.messages_per_s / direct['small'].messages_per_s:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The POP3 proxy over loopback, without interception: plain listeners, a given destination
+(the scripted `FakeServer`), Python's poplib as the client. Real Dovecot, fetchmail, getmail
+and interception are in tests/lab/test_pop3_lab.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import poplib
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from proxies.pop3.config import Pop3Config
+from proxies.pop3.service import Pop3Proxy, SharedQuarantine
+from proxies.quarantine import Quarantine
+from proxies.scan.api import ContentScanner
+from tests.unit.test_pop3_support import (
+    EICAR,
+    FAIL_MARKER,
+    GTUBE,
+    SLOW_MARKER,
+    FakeServer,
+    PatternScanner,
+    message,
+    zipped_eicar_message,
+)
+
+T = TypeVar("T")
+CONFIG = Pop3Config(enabled=True, server_timeout=2.0, keepalive_after=30.0)
+
+
+def clean(n: int) -> bytes:
+    return message(f"clean {n}", b"Line one.\r\n.leading dot\r\n..two dots\r\n\r\nend\r\n")
+
+
+async def with_proxy(messages: list[bytes], client: Callable[[int], T], *,
+                     config: Pop3Config = CONFIG, scanner: ContentScanner | None = None,
+                     quarantine_dir: Path | None = None, misbehave: str | None = None,
+                     check: Callable[[FakeServer, Pop3Proxy], Awaitable[None]] | None = None
+                     ) -> T:
+    server = await FakeServer(messages, misbehave=misbehave).start()
+    store = SharedQuarantine(Quarantine(quarantine_dir)) if quarantine_dir else None
+    proxy = Pop3Proxy(config, scanner=scanner, quarantine=store,
+                      spoof_source=False, families=(4,), transparent=False,
+                      destination=("127.0.0.1", server.port))
+    await proxy.start(port=0)
+    try:
+        result = await asyncio.to_thread(client, proxy.addresses[0][1])
+        if check is not None:
+            await check(server, proxy)
+        return result
+    finally:
+        await proxy.stop(grace=1)
+        await server.close()
+
+
+def login(port: int, timeout: float = 10) -> poplib.POP3:
+    pop = poplib.POP3("127.0.0.1", port, timeout=timeout)
+    pop.user("bob")
+    pop.pass_("secret")
+    return pop
+
+
+def retr(pop: poplib.POP3, number: int) -> bytes:
+    _status, lines, _octets = pop.retr(number)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# --- relaying ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scanner", [None, PatternScanner()], ids=["unscanned", "scanned"])
+def test_clean_mail_and_listings_are_byte_identical(scanner: PatternScanner | None) -> None:
+    messages = [clean(1), clean(2)]
+
+    def client(port: int) -> dict[str, Any]:
+        pop = login(port)
+        out = {"welcome": pop.getwelcome(), "stat": pop.stat(), "list": pop.list()[1],
+               "uidl": pop.uidl()[1], "uidl1": pop.uidl(1), "retr": retr(pop, 1),
+               "top": pop.top(2, 1)[1], "noop": pop.noop(), "rset": pop.rset(),
+               "dele": pop.dele(2)}
+        pop.quit()
+        return out
+
+    async def check(server: FakeServer, proxy: Pop3Proxy) -> None:
+        assert server.deleted == {2}
+
+    out = run(with_proxy(messages, client, scanner=scanner, check=check))
+    assert out["welcome"] == b"+OK fake POP3 ready <1234.5678@fake.example>"
+    assert out["retr"] == messages[0]
+    header, _, _body = messages[1].partition(b"\r\n\r\n")
+    assert out["top"] == [*header.split(b"\r\n"), b"", b"Line one."]
+    assert out["stat"] == (2, sum(map(len, messages)))
+    assert out["list"] == [b"1 %d" % len(messages[0]), b"2 %d" % len(messages[1])]
+    assert out["uidl1"].startswith(b"+OK 1 uid-1-")
+
+
+def test_pipelined_commands_are_answered_in_order() -> None:
+    messages = [clean(1), clean(2)]
+
+    def client(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"USER bob\r\nPASS secret\r\nSTAT\r\nRETR 1\r\nNOOP\r\nQUIT\r\n")
+            data = b""
+            while not data.endswith(b"+OK bye\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+    data = run(with_proxy(messages, client, scanner=PatternScanner()))
+    stuffed = messages[0].replace(b"\r\n.", b"\r\n..")
+    assert data.endswith(b"+OK %d octets\r\n" % len(messages[0]) + stuffed
+                         + b".\r\n+OK\r\n+OK bye\r\n"), data
+
+
+def test_capa_keeps_pipelining_and_hides_stls_when_server_has_none() -> None:
+    def client(port: int) -> list[bytes]:
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        _status, lines, _ = pop._longcmd("CAPA")  # type: ignore[attr-defined]
+        pop.quit()
+        return list(lines)
+
+    lines = run(with_proxy([clean(1)], client))
+    assert b"PIPELINING" in lines and b"STLS" not in lines
+
+
+def test_auth_plain_is_relayed() -> None:
+    def client(port: int) -> bytes:
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop._putcmd("AUTH PLAIN")  # type: ignore[attr-defined]
+        assert pop._getline()[0] == b"+ "  # type: ignore[attr-defined]
+        pop._putcmd(base64.b64encode(b"\0bob\0secret").decode())  # type: ignore[attr-defined]
+        assert pop._getresp().startswith(b"+OK")  # type: ignore[attr-defined]
+        content = retr(pop, 1)
+        pop.quit()
+        return content
+
+    assert run(with_proxy([clean(1)], client, scanner=PatternScanner())) == clean(1)
+
+
+def test_commands_in_the_wrong_state_are_refused_locally() -> None:
+    def client(port: int) -> str:
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        try:
+            pop.retr(1)
+        except poplib.error_proto as exc:
+            return str(exc)
+        finally:
+            pop.quit()
+        return "no error"
+
+    assert "not valid in the AUTHORIZATION state" in run(with_proxy([clean(1)], client))
+
+
+# --- scanning ------------------------------------------------------------------------------------
+
+
+def test_spam_is_tagged_virus_replaced_and_quarantined(tmp_path: Path) -> None:
+    spam = message("cheap pills", b"Buy now.\r\n" + GTUBE + b"\r\n")
+    virus = message("invoice", EICAR + b"\r\n")
+    messages = [spam, virus, zipped_eicar_message()]
+    scanner = PatternScanner()
+
+    def client(port: int) -> list[bytes]:
+        pop = login(port)
+        got = [retr(pop, n) for n in (1, 2, 3)]
+        got.append(b"\r\n".join(pop.top(2, 99999999)[1]) + b"\r\n")
+        got.append(retr(pop, 2))  # again: remembered, not rescanned
+        pop.quit()
+        return got
+
+    got = run(with_proxy(messages, client, scanner=scanner, quarantine_dir=tmp_path))
+    tagged, notice, zipped, top, again = got
+    assert b"X-Spam-Flag: YES\r\n" in tagged and b"Subject: [SPAM] cheap pills\r\n" in tagged
+    assert tagged.endswith(b"\r\n\r\nBuy now.\r\n" + GTUBE + b"\r\n")
+    assert tagged.startswith(spam[:spam.index(b"From:")])  # trace fields first, unchanged
+    for replaced in (notice, zipped, top, again):
+        assert EICAR not in replaced and b"UEsDB" not in replaced
+        assert b"[VIRUS REMOVED]" in replaced and b"Eicar-Test-Signature" in replaced
+        assert b"From: Alice <alice@example.org>\r\n" in replaced
+        assert b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\n" in replaced
+    quarantine = Quarantine(tmp_path)
+    entries = quarantine.list()
+    assert len(entries) == 3  # RETR 2, RETR 3 and TOP 2 (a TOP is its own scan)
+    assert {virus, zipped_eicar_message()} <= {quarantine.content(e.id) for e in entries}
+    assert {e.source for e in entries} == {"pop3"} and entries[0].recipients == ("bob",)
+    for entry in entries:
+        assert entry.id.encode() in (notice + zipped + top)
+    assert scanner.scans == 4  # the second RETR 2 came from the cache
+
+
+def test_scanner_failure_tempfails_and_leaves_the_message() -> None:
+    broken = message("broken", FAIL_MARKER + b"\r\n")
+
+    def client(port: int) -> str:
+        pop = login(port)
+        try:
+            retr(pop, 1)
+        except poplib.error_proto as exc:
+            pop.quit()
+            return str(exc)
+        return "delivered"
+
+    text = run(with_proxy([broken], client, scanner=PatternScanner()))
+    assert "[SYS/TEMP]" in text and "scanner failed" in text
+
+
+def test_scanner_failure_with_fail_mode_pass_adds_a_header() -> None:
+    broken = message("broken", FAIL_MARKER + b"\r\n")
+    config = dataclasses.replace(CONFIG, fail_mode="pass")
+
+    def client(port: int) -> bytes:
+        pop = login(port)
+        content = retr(pop, 1)
+        pop.quit()
+        return content
+
+    content = run(with_proxy([broken], client, scanner=PatternScanner(), config=config))
+    assert b"X-Mailgate-Scan: unscanned; reason=scanner error: ConnectionError\r\n" in content
+    assert content.endswith(FAIL_MARKER + b"\r\n")
+
+
+def test_oversize_passes_unscanned_and_big_messages_spool_to_disk() -> None:
+    big = message("big", (b"x" * 998 + b"\r\n") * 300)  # about 300 KB
+    config = dataclasses.replace(CONFIG, spool_threshold=64 * 1024, max_scan_size=100 * 1024)
+    scanner = PatternScanner()
+
+    def client(port: int) -> bytes:
+        pop = login(port)
+        content = retr(pop, 1)
+        pop.quit()
+        return content
+
+    assert run(with_proxy([big], client, scanner=scanner, config=config)) == big
+    assert scanner.scans == 0
+
+
+def test_slow_scan_keeps_the_client_alive_and_stays_byte_identical() -> None:
+    slow = message("slow", SLOW_MARKER + b"\r\n", trace=3)
+    config = dataclasses.replace(CONFIG, keepalive_after=0.3, keepalive_interval=0.2)
+    arrivals: list[tuple[float, bytes]] = []
+
+    def client(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"USER bob\r\nPASS secret\r\nRETR 1\r\nQUIT\r\n")
+            data = b""
+            while not data.endswith(b"+OK bye\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                arrivals.append((time.monotonic(), chunk))
+                data += chunk
+            return data
+
+    data = run(with_proxy([slow], client, scanner=PatternScanner(slow=1.5), config=config))
+    assert data.endswith(b"+OK %d octets\r\n" % len(slow) + slow + b".\r\n+OK bye\r\n")
+    # The status line and then single bytes of the trace fields came while the scan ran.
+    early = [chunk for _when, chunk in arrivals if len(chunk) == 1]
+    assert len(early) >= 3, arrivals
+
+
+# --- a misbehaving server -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("misbehave", ["garbage", "close-mid", "stall"])
+@pytest.mark.parametrize("scanner", [None, PatternScanner()], ids=["unscanned", "scanned"])
+def test_broken_server_gives_err_or_close_never_a_hang(misbehave: str,
+                                                       scanner: PatternScanner | None) -> None:
+    def client(port: int) -> str:
+        pop = login(port)
+        started = time.monotonic()
+        try:
+            retr(pop, 1)
+        except (poplib.error_proto, OSError) as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        else:
+            outcome = "delivered"
+        assert time.monotonic() - started < 5
+        return outcome
+
+    async def check(server: FakeServer, proxy: Pop3Proxy) -> None:
+        # The proxy is still up: a new session works (against a well-behaved server).
+        server.misbehave = None
+        server.stop_stalling.set()
+
+        def again(port: int) -> bytes:
+            pop = login(port)
+            content = retr(pop, 1)
+            pop.quit()
+            return content
+
+        assert await asyncio.to_thread(again, proxy.addresses[0][1]) == clean(1)
+
+    outcome = run(with_proxy([clean(1)], client, scanner=scanner, misbehave=misbehave,
+                             check=check))
+    assert outcome != "delivered"
+    if misbehave == "garbage" or scanner is not None:
+        assert "[SYS/TEMP]" in outcome, outcome  # the status line was still held: -ERR
+
+
+def test_connection_limit_per_client() -> None:
+    config = dataclasses.replace(CONFIG, max_connections_per_client=1)
+
+    def client(port: int) -> bytes:
+        first = poplib.POP3("127.0.0.1", port, timeout=10)
+        try:
+            poplib.POP3("127.0.0.1", port, timeout=10)
+        except poplib.error_proto as exc:
+            first.quit()
+            return exc.args[0]
+        return b"accepted"
+
+    assert b"[SYS/TEMP] too many connections" in run(with_proxy([clean(1)], client,
+                                                                config=config))
+
+
+def test_unreachable_server_gives_err() -> None:
+    async def scenario() -> bytes:
+        proxy = Pop3Proxy(CONFIG, scanner=None, quarantine=None, spoof_source=False,
+                          families=(4,), transparent=False, destination=("127.0.0.1", 9))
+        await proxy.start(port=0)
+        try:
+            def client(port: int) -> bytes:
+                try:
+                    poplib.POP3("127.0.0.1", port, timeout=10)
+                except poplib.error_proto as exc:
+                    return exc.args[0]
+                return b"connected"
+
+            return await asyncio.to_thread(client, proxy.addresses[0][1])
+        finally:
+            await proxy.stop(grace=1)
+
+    assert run(scenario()) == b"-ERR [SYS/TEMP] cannot reach the mail server"
