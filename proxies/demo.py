@@ -8,8 +8,11 @@ removed at the end, also on Ctrl-C or failure; nothing outside the lab is touche
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import poplib
 import shutil
 import sys
 import tempfile
@@ -21,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from netsetup.commands import run_in_namespace
+from netsetup.lab.peers._common import in_netns
 from netsetup.lab.peers.clamd import EICAR, Clamd
+from netsetup.lab.peers.dovecot import Dovecot
 from netsetup.lab.peers.postfix import Postfix, PostfixInstance
 from netsetup.lab.peers.sink import swaks
 from netsetup.lab.peers.spamd import GTUBE, Spamd
@@ -66,6 +71,11 @@ class Demo:
         self.state = workdir / "netsetup-state.json"
         self.queue_dir = workdir / "queue"
         self.log = workdir / "mailgate.log"
+
+    def mailgate_command(self, *args: str) -> str:
+        result = self.lab.run(self.lab.gateway, [sys.executable, "-m", "proxies.cli", *args,
+                                                 "--config", str(self.config)], check=False)
+        return result.stdout + result.stderr
 
     def queue(self, *args: str) -> str:
         """`mailgate queue VERB ...` run in the gateway, as an administrator would."""
@@ -112,6 +122,9 @@ class Demo:
 
             [quarantine]
             dir = "{self.dir / 'quarantine'}"
+
+            [pop3]
+            enabled = true
             """))
 
     def start_gateway(self) -> None:
@@ -214,7 +227,10 @@ class Demo:
         step(8, "Scanning: a clean, an infected and a spam message")
         self._scanning(server)
 
-        step(9, "What mailgate logged (one line per event; every line of a mail carries qid=)")
+        step(9, "POP3: alice fetches her mail from the server, through the box")
+        self._pop3()
+
+        step(10, "What mailgate logged (one line per event; every line of a mail carries qid=)")
         show("\n".join(line for line in self.log.read_text().splitlines()
                        if "event=smtp_accepted" in line or "event=delivery " in line
                        or "event=bounced" in line or "event=smtp_filter" in line)[:6000],
@@ -250,6 +266,58 @@ class Demo:
         say(f"alice received {len(deliveries) - before} of the 3 messages: the clean one and "
             "the tagged spam.")
 
+    def _pop3(self) -> None:
+        lab = self.lab
+        dovecot = Dovecot.start(lab, lab.server, {"alice": "secret"}, self.dir / "dovecot")
+        zipped = io.BytesIO()
+        with zipfile.ZipFile(zipped, "w") as archive:
+            archive.writestr("invoice.txt", EICAR)
+        attachment = base64.encodebytes(zipped.getvalue()).replace(b"\n", b"\r\n")
+        mails = {
+            "Minutes of Monday's meeting": b"All agreed.\r\n",
+            "You have won a prize": b"Claim it now! " + GTUBE + b"\r\n",
+            "Invoice attached": (
+                b"--b\r\nContent-Type: text/plain\r\n\r\nSee the attachment.\r\n--b\r\n"
+                b"Content-Type: application/zip; name=invoice.zip\r\n"
+                b"Content-Transfer-Encoding: base64\r\n\r\n" + attachment + b"--b--\r\n"),
+        }
+        originals = []
+        for subject, body in mails.items():
+            mime = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n" \
+                if body.startswith(b"--b") else b""
+            message = (f"From: carol@example.org\r\nTo: alice@example.com\r\n"
+                       f"Subject: {subject}\r\n").encode() + mime + b"\r\n" + body
+            originals.append(message)
+            dovecot.deliver("alice", message)
+        say("Dovecot on the server holds three messages for alice. Her mail client (Python's "
+            f"poplib, on the sender host) connects to {self.server_ip}:110 as always; "
+            "mailgate scans each message as it is retrieved:")
+        server_ip = self.server_ip
+
+        def fetch() -> list[bytes]:
+            pop = poplib.POP3(server_ip, 110, timeout=30)
+            try:
+                pop.user("alice")
+                pop.pass_("secret")
+                count = len(pop.list()[1])
+                return [b"\r\n".join(pop.retr(i)[1]) + b"\r\n" for i in range(1, count + 1)]
+            finally:
+                pop.quit()
+
+        fetched = in_netns(lab.sender, fetch)
+        for original, got in zip(originals, fetched, strict=True):
+            headers = got.split(b"\r\n\r\n", 1)[0].decode(errors="replace")
+            subject = next((h for h in headers.splitlines() if h.startswith("Subject:")), "")
+            if got == original:
+                fate = "arrived byte for byte as stored on the server"
+            elif "X-Spam-Flag: YES" in headers:
+                fate = "arrived tagged as spam"
+            else:
+                fate = "was replaced by a notice; the original is in quarantine"
+            show(f"{subject:48} {fate}")
+        listing = self.mailgate_command("quarantine", "list")
+        show(listing, limit=6)
+
     def _wait_for_bounce(self, sender: PostfixInstance) -> str:
         def bounce() -> str | None:
             for delivery in sender.deliveries():
@@ -264,7 +332,7 @@ class Demo:
         return result
 
     def cleanup(self) -> None:
-        step(10, "Cleaning up")
+        step(11, "Cleaning up")
         if self.lab.gateway.netns in {n for n in os.listdir("/run/netns")}:
             torn = run_in_namespace(self.lab.gateway.netns, "teardown", self.config, self.state)
             say(f"'netsetup teardown' removed what netsetup installed (exit {torn.returncode}).")
