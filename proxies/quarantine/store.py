@@ -191,10 +191,11 @@ class Quarantine:
         if purge:
             self.purge()
         entries = []
-        for path in sorted(self.directory.glob("*.json")):
+        for path in self.directory.glob("*.json"):
             with contextlib.suppress(QuarantineError, OSError):
                 entries.append(self.entry(path.stem))
-        return entries
+        # Ids sort by the second only; the stored time orders entries made in the same second.
+        return sorted(entries, key=lambda e: (e.time, e.id))
 
     # --- changing -----------------------------------------------------------------------
 
