@@ -27,9 +27,24 @@ unit: setup
 lab: setup
 	$(PY) -m pytest -q tests/lab
 
+# Benchmarks are not tests: each compares with a peer in the same lab and prints ratios.
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench.smtp
+	$(PY) -m bench.filtering
+	$(PY) -m bench.pop3
+	$(PY) -m bench.interceptor
 
 clean:
 	-$(VENV)/bin/mailgate lab down --all
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The appliance image (images/README.md): a bootable Debian 12 disk with mailgate, clamd and
+# spamd, and its boot test under qemu (a lab on each side of the booted image; minutes of TCG).
+.PHONY: image image-test
+
+image: setup
+	@images/setup-build-host.sh
+	@images/build.sh
+
+image-test: image
+	MAILGATE_IMAGE_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/image

@@ -266,6 +266,9 @@ def mangle_table(config: NetworkConfig, family: int) -> XtTable:
     main = [
         XtRule(MAIN_CHAIN, DIVERT_CHAIN, protocol="tcp",
                matches=(("socket", (("transparent", ()),)),)),
+        # Connections to the box's own addresses are its own business (its sshd, or an MTA of
+        # its own): taking them would make the proxy deliver to the box itself, in a loop.
+        XtRule(MAIN_CHAIN, "RETURN", matches=(("addrtype", (("dst-type", ("LOCAL",)),)),)),
         *bypass_rules(config, family),
         *interceptor_rules(config, family),
     ]

@@ -37,6 +37,7 @@ def test_router_mode_both_families() -> None:
         "-A PREROUTING -p tcp -j MAILGATE",
         # socket divert first, then the bypasses, then one TPROXY per service
         "-A MAILGATE -p tcp -m socket --transparent -j MAILGATE_DIVERT",
+        "-A MAILGATE -m addrtype --dst-type LOCAL -j RETURN",
         "-A MAILGATE -s 192.0.2.99/32 -j RETURN",
         "-A MAILGATE -d 198.51.100.0/24 -j RETURN",
         "-A MAILGATE -p tcp -m tcp --dport 25 -j TPROXY --on-port 10025 --on-ip 0.0.0.0 "
