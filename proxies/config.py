@@ -6,6 +6,7 @@ key; nothing else in the program looks at raw TOML.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,9 @@ class SmtpConfig:
     connect_timeout: float = 30.0
     delivery_timeout: float = 300.0
     delivery_concurrency: int = 20
-    workers: int = 1
+    # SMTP acceptor processes: one per core by default (aiosmtpd's parsing is CPU-bound and
+    # a single process cannot use a second core).
+    workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
 
     def transport_for(self, domain: str) -> tuple[str, int] | None:
         domain = domain.lower().rstrip(".")
