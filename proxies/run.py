@@ -246,8 +246,18 @@ def _run(config: Config) -> int:
     workers = config.smtp.workers
     if workers <= 1:
         return asyncio.run(serve(config))
-    # The self-signed certificate is made once, before the workers would race for it.
+    # The queue directory and the self-signed certificate are made once, before the workers
+    # would race for them.
+    _open_queue(config).close()
     _server_tls(config)
+    # SO_REUSEPORT would let a second mailgate share the port unnoticed; a plain bind first
+    # fails if anything (another instance included) holds it.
+    with _starting(f"cannot listen on port {config.smtp.listen_port} (smtp.listen)"):
+        families = [socket.AF_INET, socket.AF_INET6] if config.network.ipv6 \
+            else [socket.AF_INET]
+        for sock in make_listeners(config.smtp.listen_port, families, transparent=True,
+                                   reuse_port=False):
+            sock.close()
     pids, read_fd = _start_workers(config, workers - 1)
     try:
         return asyncio.run(serve(config, notify_fd=read_fd))

@@ -35,10 +35,13 @@ which only delays the hold).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from proxies import logs
@@ -61,28 +64,55 @@ TIMEOUT_MEMORY_ENTRIES = 10000
 
 
 class TimeoutMemory:
-    """Content hash -> how often it timed a scanner out, within `window` seconds."""
+    """Content hash -> how often it timed a scanner out, within `window` seconds.
+
+    With `directory`, the counts are small files there, so every SMTP worker process (and a
+    restarted daemon) sees the same count; a lost update only delays the quarantine by one
+    more timeout, so the files are replaced atomically but not fsynced.
+    """
 
     def __init__(self, window: float, clock: Callable[[], float] = time.monotonic,
-                 limit: int = TIMEOUT_MEMORY_ENTRIES) -> None:
+                 limit: int = TIMEOUT_MEMORY_ENTRIES, directory: Path | None = None) -> None:
         self.window = window
-        self.clock = clock
+        self.clock = clock if directory is None else time.time
         self.limit = limit
+        self.directory = directory
         self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def record(self, digest: str) -> int:
         """Count one more timeout of this content; return the count (1 the first time)."""
         now = self.clock()
-        count, first = self._seen.pop(digest, (0, now))
+        count, first = self._load(digest) if self.directory else self._seen.pop(digest, (0, now))
         if now - first > self.window:
             count, first = 0, now
-        self._seen[digest] = (count + 1, first)
-        while len(self._seen) > self.limit:
-            self._seen.popitem(last=False)
+        self._store(digest, count + 1, first)
         return count + 1
 
     def forget(self, digest: str) -> None:
         self._seen.pop(digest, None)
+        if self.directory is not None:
+            with contextlib.suppress(OSError):
+                (self.directory / digest).unlink()
+
+    def _load(self, digest: str) -> tuple[int, float]:
+        assert self.directory is not None
+        try:
+            count, first = (self.directory / digest).read_text().split()
+            return int(count), float(first)
+        except (OSError, ValueError):
+            return 0, self.clock()
+
+    def _store(self, digest: str, count: int, first: float) -> None:
+        if self.directory is None:
+            self._seen[digest] = (count, first)
+            while len(self._seen) > self.limit:
+                self._seen.popitem(last=False)
+            return
+        with contextlib.suppress(OSError):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".{digest}.{os.getpid()}"
+            tmp.write_text(f"{count} {first}\n")
+            tmp.replace(self.directory / digest)
 
 
 class ScanFilter:
@@ -90,12 +120,14 @@ class ScanFilter:
 
     def __init__(self, config: ScanConfig, scanner: ContentScanner,
                  quarantine: Quarantine | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 timeout_dir: Path | None = None) -> None:
         self.config = config
         self.policy = config.policy
         self.scanner = scanner
         self._quarantine = quarantine
-        self.timeouts = TimeoutMemory(config.timeout_memory, clock)
+        self.timeouts = TimeoutMemory(config.timeout_memory, clock,
+                                      directory=timeout_dir)
 
     @property
     def quarantine(self) -> Quarantine:
@@ -284,7 +316,9 @@ def build_filter(config: ScanConfig) -> MessageFilter:
         except OSError as exc:
             logs.warning("quarantine_purge_failed", error=str(exc))
             quarantine = None
-    return ScanFilter(config, build_multi_scanner(config), quarantine)
+    # Shared by the SMTP worker processes; kept in the quarantine, where timed-out mail ends.
+    return ScanFilter(config, build_multi_scanner(config), quarantine,
+                      timeout_dir=config.quarantine.dir / ".scan-timeouts")
 
 
 def build_scanner(config: ScanConfig) -> ContentScanner | None:
