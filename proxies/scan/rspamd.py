@@ -8,6 +8,8 @@ what to do, so both spam scanners are handled the same way.
 
 The HTTP here is the small subset rspamd speaks: one request at a time per connection, a
 Content-Length or chunked body, connections reused unless the server says `Connection: close`.
+rspamd 3.4's normal worker says so on every reply (its keep-alive is for its own outgoing
+requests), so against it each message has a connection of its own.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ cleanly:
 - dovecot.Dovecot.start -> DovecotInstance (POP3)
 - clamd.Clamd.start -> ClamdInstance
 - spamd.Spamd.start -> SpamdInstance
+- rspamd.Rspamd.start -> RspamdInstance (HTTP: /ping, /checkv2)
 - dns.DnsServer.start (also `python -m netsetup.lab.peers.dns`)
 
 Peers see their folder at `_common.PEER_MOUNT` (a bind mount private to each peer's
