@@ -8,7 +8,9 @@ With `smtp.workers = N > 1` the SMTP front end runs in N processes, each with it
 SO_REUSEPORT listener behind the one TPROXY rule, so acceptance (aiosmtpd's parsing and the
 queue's fsync) uses every core; the kernel spreads connections over them. Only the master
 delivers: the workers tell it each queue id they accepted through a pipe, so there is one
-scheduler, as in Postfix (many smtpd, one qmgr).
+scheduler, as in Postfix (many smtpd, one qmgr). The master then accepts nothing itself:
+delivery is a full-time job (sharing a process with an acceptor cut the delivery rate by a
+third), and the workers say through the same pipe when they listen, before it reports ready.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from proxies.filtering import MessageFilter
 from proxies.queue import Queue, QueueError
 from proxies.scan.filter import build_filter, build_scanner
 from proxies.smtp.delivery import DeliveryAgent
-from proxies.smtp.server import GatewayHandler, SmtpFrontEnd
+from proxies.smtp.server import GatewayHandler, SharedConnectionGate, SmtpFrontEnd
 from proxies.tls import TlsSetupError, client_context, ensure_self_signed, server_context
 from proxies.transparent import TransparentError, make_listeners
 
@@ -98,9 +100,14 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+WORKER_READY = b"ready"
+WORKER_START_TIMEOUT = 30.0
+
+
 async def serve(config: Config, message_filter: MessageFilter | None = None,
-                notify_fd: int | None = None) -> int:
-    """The master: front end, delivery scheduler, POP3; `notify_fd` reads workers' ids."""
+                notify_fd: int | None = None, acceptors: int = 0) -> int:
+    """The master: delivery scheduler, POP3, and the SMTP front end unless `acceptors`
+    workers run it; `notify_fd` reads the workers' queue ids and readiness."""
     smtp = config.smtp
     queue = _open_queue(config)
     pid_file = smtp.queue_dir / "master.pid"
@@ -119,7 +126,8 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
         message_filter = build_filter(config.scan)
     handler = GatewayHandler(smtp, queue, message_filter, on_queued=agent.wake)
     front = SmtpFrontEnd(smtp, handler, tls_server)
-    await _start_front(front, config)
+    if not acceptors:
+        await _start_front(front, config)
     pop3 = None
     if config.pop3.enabled:
         from proxies.pop3.service import start_pop3
@@ -128,8 +136,15 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
 
     loop = asyncio.get_running_loop()
     stop = _stop_event()
+    workers_ready = _WorkersReady(acceptors)
     if notify_fd is not None:
-        loop.add_reader(notify_fd, _pipe_reader(notify_fd, queue, agent.wake))
+        loop.add_reader(notify_fd, _pipe_reader(notify_fd, queue, agent.wake, workers_ready))
+    if acceptors:
+        try:
+            await workers_ready.wait(WORKER_START_TIMEOUT)
+        except StartupError:
+            pid_file.unlink(missing_ok=True)
+            raise
 
     def rescan() -> None:
         queue.rescan()
@@ -167,7 +182,39 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
     return 0
 
 
-def _pipe_reader(fd: int, queue: Queue, wake: Callable[[], None]) -> Callable[[], None]:
+class _WorkersReady:
+    """Counts the acceptor workers that said they listen."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.count = 0
+        self.gone = False
+        self._changed = asyncio.Event()
+
+    def ready(self) -> None:
+        self.count += 1
+        self._changed.set()
+
+    def all_gone(self) -> None:
+        self.gone = True
+        self._changed.set()
+
+    async def wait(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.count < self.expected and not self.gone:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+            if loop.time() >= deadline:
+                break
+        if self.count < self.expected:
+            raise StartupError(f"only {self.count} of {self.expected} SMTP acceptor workers "
+                               "started (smtp.workers); the log says why")
+
+
+def _pipe_reader(fd: int, queue: Queue, wake: Callable[[], None],
+                 workers_ready: _WorkersReady) -> Callable[[], None]:
     pending = bytearray()
 
     def read() -> None:
@@ -177,19 +224,25 @@ def _pipe_reader(fd: int, queue: Queue, wake: Callable[[], None]) -> Callable[[]
             return
         if not data:  # every worker is gone
             asyncio.get_running_loop().remove_reader(fd)
+            workers_ready.all_gone()
             return
         pending.extend(data)
         *lines, rest = bytes(pending).split(b"\n")
         pending[:] = rest
+        queued = False
         for line in lines:
+            if line == WORKER_READY:
+                workers_ready.ready()
+                continue
             queue.notice(line.decode("ascii", "replace"))
-        if lines:
+            queued = True
+        if queued:
             wake()
 
     return read
 
 
-async def serve_acceptor(config: Config, notify_fd: int) -> int:
+async def serve_acceptor(config: Config, notify_fd: int, gate: SharedConnectionGate) -> int:
     """A worker: the SMTP front end only; each queued id goes to the master's pipe."""
     queue = _open_queue(config)
 
@@ -200,9 +253,10 @@ async def serve_acceptor(config: Config, notify_fd: int) -> int:
 
     handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
                              on_queued=tell_master)
-    front = SmtpFrontEnd(config.smtp, handler, _server_tls(config))
+    front = SmtpFrontEnd(config.smtp, handler, _server_tls(config), gate)
     await _start_front(front, config)
     stop = _stop_event()
+    tell_master(WORKER_READY.decode())
     await stop.wait()
     await front.stop()
     return 0
@@ -213,6 +267,9 @@ def _start_workers(config: Config, count: int) -> tuple[list[int], int]:
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     pids = []
+    # The connection limits hold over all the workers together.
+    gate = SharedConnectionGate(config.smtp.max_connections,
+                                config.smtp.max_connections_per_client)
     libc = ctypes.CDLL(None, use_errno=True)
     for _ in range(count):
         pid = os.fork()
@@ -222,7 +279,7 @@ def _start_workers(config: Config, count: int) -> tuple[list[int], int]:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             code = 1
             try:
-                code = asyncio.run(serve_acceptor(config, write_fd))
+                code = asyncio.run(serve_acceptor(config, write_fd, gate))
             except BaseException as exc:  # a worker must never run the master's cleanup
                 logs.error("worker_crashed", exc_info=True, error=repr(exc))
             finally:
@@ -258,9 +315,9 @@ def _run(config: Config) -> int:
         for sock in make_listeners(config.smtp.listen_port, families, transparent=True,
                                    reuse_port=False):
             sock.close()
-    pids, read_fd = _start_workers(config, workers - 1)
+    pids, read_fd = _start_workers(config, workers)
     try:
-        return asyncio.run(serve(config, notify_fd=read_fd))
+        return asyncio.run(serve(config, notify_fd=read_fd, acceptors=workers))
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

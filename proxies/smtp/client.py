@@ -1,4 +1,5 @@
-"""A sans-I/O SMTP client for onward delivery: one message, one session.
+"""A sans-I/O SMTP client for onward delivery: one message per transaction, and with
+keep_open several transactions over one connection.
 
 RFC 5321 (SMTP), 1869 (EHLO), 1870 (SIZE), 2920 (PIPELINING), 3207 (STARTTLS), 6152
 (8BITMIME), 6531 (SMTPUTF8), 2034 (enhanced status codes). No sockets, no asyncio: the driver
@@ -88,6 +89,7 @@ class _State(enum.Enum):
     CONTENT = "content"              # 354 received; the driver sends the content
     END_OF_DATA = "end-of-data"      # content sent; the final reply (or a drained one) due
     DONE = "done"                    # Finished or Failed returned; QUIT queued if sensible
+    RSET = "rset"                    # kept open, RSET sent before the next transaction
 
 
 # Every legal move of the session, in one place (cf. h11/_state.py). `_move` turns anything
@@ -101,12 +103,15 @@ _TRANSITIONS: Final[Mapping[_State, frozenset[_State]]] = {
     _State.ENVELOPE: frozenset({_State.CONTENT, _State.END_OF_DATA, _State.DONE}),
     _State.CONTENT: frozenset({_State.END_OF_DATA, _State.DONE}),
     _State.END_OF_DATA: frozenset({_State.DONE}),
-    _State.DONE: frozenset(),
+    # keep_open: a connection left in a clean state carries another transaction (RSET first).
+    _State.DONE: frozenset({_State.RSET}),
+    _State.RSET: frozenset({_State.ENVELOPE, _State.DONE}),
 }
 
 # What a reply answers; the replies come back in the order the commands went (RFC 2920 3.1).
 _GREETING, _EHLO, _HELO, _STARTTLS = "greeting", "ehlo", "helo", "starttls"
 _MAIL, _RCPT, _DATA, _END_OF_DATA, _DRAIN = "mail", "rcpt", "data", "content", "drain"
+_RSET = "rset"
 
 
 def _check_path(path: str, what: str, smtputf8: bool) -> str:
@@ -130,35 +135,29 @@ class ClientSession:
     SIZE= when the server offers SIZE (RFC 1870). `eight_bit`: the content is 8BITMIME
     (RFC 6152); `smtputf8`: the envelope or headers need SMTPUTF8 (RFC 6531).
     Raises `LocalProtocolError` for arguments that cannot be put on the wire.
+
+    `keep_open=True` (a connection cache, like Postfix's): when a transaction ends with the
+    connection in a clean state (`reusable`), no QUIT is queued; the driver then either calls
+    `next_transaction()` for another message over the same connection (RSET first, RFC 5321
+    4.1.1.5) or `quit()`.
     """
 
     def __init__(self, helo_name: str, sender: str, recipients: Sequence[str], size: int, *,
                  eight_bit: bool, smtputf8: bool, tls: TlsMode = "opportunistic",
-                 strict_8bitmime: bool = False) -> None:
+                 strict_8bitmime: bool = False, keep_open: bool = False) -> None:
         if not helo_name or not helo_name.isprintable() or " " in helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
         if tls not in ("never", "opportunistic", "required"):
             raise LocalProtocolError(f"bad tls mode {tls!r}")
-        if size < 0:
-            raise LocalProtocolError("size must not be negative")
-        if not recipients:
-            raise LocalProtocolError("no recipients")
         self.helo_name = helo_name
-        self.sender = "" if sender == "<>" else _check_path(sender, "sender", smtputf8)
-        # A recipient given twice is sent once; results are per distinct recipient.
-        self.recipients: tuple[str, ...] = tuple(
-            dict.fromkeys(_check_path(r, "recipient", smtputf8) for r in recipients))
-        if not all(self.recipients):
-            raise LocalProtocolError("empty recipient")
-        self.size = size
-        self.eight_bit = eight_bit
-        self.smtputf8 = smtputf8
         self.tls: TlsMode = tls
         self.strict_8bitmime = strict_8bitmime
-        for line in (f"MAIL FROM:<{self.sender}> SIZE={size} BODY=8BITMIME SMTPUTF8",
-                     *(f"RCPT TO:<{r}>" for r in self.recipients)):
-            if len(line.encode("utf-8")) + 2 > MAX_COMMAND_LINE:
-                raise LocalProtocolError(f"command too long: {line[:60]!r}...")
+        self.keep_open = keep_open
+        # True once a transaction ended with nothing outstanding and the server sane: the
+        # connection may carry another one (keep_open only).
+        self.reusable = False
+        self._hello_done = False
+        self._set_message(sender, recipients, size, eight_bit=eight_bit, smtputf8=smtputf8)
 
         # What the server told us.
         self.greeting: Reply | None = None
@@ -174,6 +173,27 @@ class ClientSession:
         self._unflushed = 0
         self._eof = False
         self._pipelining = False
+
+    def _set_message(self, sender: str, recipients: Sequence[str], size: int, *,
+                     eight_bit: bool, smtputf8: bool) -> None:
+        """Check and take one transaction's envelope; reset its progress."""
+        if size < 0:
+            raise LocalProtocolError("size must not be negative")
+        if not recipients:
+            raise LocalProtocolError("no recipients")
+        self.sender = "" if sender == "<>" else _check_path(sender, "sender", smtputf8)
+        # A recipient given twice is sent once; results are per distinct recipient.
+        self.recipients: tuple[str, ...] = tuple(
+            dict.fromkeys(_check_path(r, "recipient", smtputf8) for r in recipients))
+        if not all(self.recipients):
+            raise LocalProtocolError("empty recipient")
+        for line in (f"MAIL FROM:<{self.sender}> SIZE={size} BODY=8BITMIME SMTPUTF8",
+                     *(f"RCPT TO:<{r}>" for r in self.recipients)):
+            if len(line.encode("utf-8")) + 2 > MAX_COMMAND_LINE:
+                raise LocalProtocolError(f"command too long: {line[:60]!r}...")
+        self.size = size
+        self.eight_bit = eight_bit
+        self.smtputf8 = smtputf8
         self._mail_refused: Reply | None = None
         self._results: dict[str, Reply] = {}
         self._accepted: list[str] = []
@@ -227,6 +247,26 @@ class ClientSession:
         except RemoteProtocolError as exc:
             assert exc.reply is not None
             return self._fail(exc.reply, self._stage_name(), quit=False)
+
+    def next_transaction(self, sender: str, recipients: Sequence[str], size: int, *,
+                         eight_bit: bool, smtputf8: bool) -> None:
+        """Start another message over this connection (keep_open, after a `reusable` end):
+        RSET, then the envelope as for the first one. Events start again from NEED_DATA."""
+        if not self.reusable or self._state is not _State.DONE:
+            raise LocalProtocolError("next_transaction() needs a reusable, finished session")
+        self._set_message(sender, recipients, size, eight_bit=eight_bit, smtputf8=smtputf8)
+        self.reusable = False
+        self._outcome = None
+        self._move(_State.RSET)
+        self._command("RSET", _RSET)
+
+    def quit(self) -> None:
+        """Queue QUIT for a kept-open session that will carry no more transactions."""
+        if self._state is not _State.DONE:
+            raise LocalProtocolError(f"quit() in state {self._state.value}")
+        if self.reusable:
+            self.reusable = False
+            self._outgoing.append(b"QUIT\r\n")
 
     def tls_established(self) -> None:
         """The driver finished the TLS handshake: forget what the server said in plain text
@@ -338,13 +378,20 @@ class ClientSession:
         return outcome
 
     def _end(self, outcome: Finished | Failed, *, quit: bool) -> None:
+        # Reusable: the server is past its greeting and hello, every command we wrote has
+        # been answered and nothing more has arrived, and it did not say 421 or misbehave.
+        clean = (quit and self._hello_done and len(self._pending) == self._unflushed
+                 and not self._replies.has_data and not self._eof
+                 and not (isinstance(outcome, Failed) and outcome.stage == _RSET))
         self._move(_State.DONE)
         self._outcome = outcome
         self._pending.clear()
         self._unflushed = 0
         # Commands queued and not yet written will never be answered: drop them.
         self._outgoing.clear()
-        if quit:
+        if self.keep_open and clean:
+            self.reusable = True
+        elif quit:
             # RFC 5321 4.1.1.10. The 221 is not waited for: the message's fate is known.
             self._outgoing.append(b"QUIT\r\n")
 
@@ -363,6 +410,7 @@ class ClientSession:
             _DATA: self._on_data,
             _END_OF_DATA: self._on_end_of_data,
             _DRAIN: self._on_drain,
+            _RSET: self._on_rset,
         }.get(kind)
         if handler is None:
             return self._on_rcpt(recipient, reply)
@@ -437,7 +485,16 @@ class ClientSession:
             return self._start_transaction()
         raise self._protocol_error("STARTTLS", reply)
 
+    def _on_rset(self, reply: Reply) -> ClientEvent | None:
+        if reply.code // 100 == 2:
+            return self._start_transaction()
+        if reply.is_transient or reply.is_permanent:
+            # A cached connection the server no longer wants: the message is not at fault.
+            return self._fail(reply.as_transient(), _RSET, quit=reply.code != 421)
+        raise self._protocol_error("RSET", reply)
+
     def _start_transaction(self) -> ClientEvent | None:
+        self._hello_done = True
         extensions = self.extensions
         if self.smtputf8 and "SMTPUTF8" not in extensions:
             return self._fail(

@@ -22,6 +22,41 @@ from proxies.smtp import client as smtp_client
 from proxies.smtp.nexthop import NextHop, NoRoute, resolve_next_hop
 from proxies.transparent import TransparentError, open_onward
 
+# Postfix's smtp_connection_cache_time_limit: how long an idle onward connection is kept for
+# the next message to the same next hop (and, when spoofing, from the same client address),
+# and smtp_connection_reuse_time_limit: how long one connection goes on being reused.
+CONNECTION_IDLE_LIMIT = 2.0
+CONNECTION_REUSE_LIMIT = 300.0
+
+
+class _Connection:
+    """An onward SMTP connection and the session on it, between transactions."""
+
+    def __init__(self, session: smtp_client.ClientSession, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.session = session
+        self.reader = reader
+        self.writer = writer
+        self.opened = time.monotonic()
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    async def close(self) -> None:
+        """QUIT if the session is still in a clean state, then close."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        with contextlib.suppress(Exception):
+            if self.session.reusable:
+                self.session.quit()
+                self.writer.write(self.session.data_to_send())
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+# (relay address, spoofed source address or None)
+_CacheKey = tuple[tuple[str, int], str | None]
+
 
 class DeliveryAgent:
     def __init__(self, config: SmtpConfig, queue: Queue, *, spoof_source: bool,
@@ -35,6 +70,9 @@ class DeliveryAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: set[str] = set()
         self._stopping = False
+        # Idle onward connections, newest last (cf. Postfix's scache).
+        self._idle: dict[_CacheKey, list[_Connection]] = defaultdict(list)
+        self._closing: set[asyncio.Task[None]] = set()
 
     def wake(self, queue_id: str | None = None) -> None:
         """Called when a message was queued or the queue changed on disk (flush, release)."""
@@ -76,6 +114,46 @@ class DeliveryAgent:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        idle = [conn for conns in self._idle.values() for conn in conns]
+        self._idle.clear()
+        await asyncio.gather(*(conn.close() for conn in idle), return_exceptions=True)
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=5)
+
+    # --- the connection cache -----------------------------------------------------------------
+
+    def _take_idle(self, key: _CacheKey) -> _Connection | None:
+        conns = self._idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if not conn.writer.is_closing() and not conn.reader.at_eof():
+                return conn
+            self._close_later(conn)
+        return None
+
+    def _keep_idle(self, key: _CacheKey, conn: _Connection) -> None:
+        if (self._stopping or not conn.session.reusable
+                or time.monotonic() - conn.opened > CONNECTION_REUSE_LIMIT):
+            self._close_later(conn)
+            return
+        conns = self._idle[key]
+        conns.append(conn)
+
+        def expire() -> None:
+            conn.idle_timer = None
+            with contextlib.suppress(ValueError):
+                self._idle[key].remove(conn)
+                self._close_later(conn)
+
+        conn.idle_timer = asyncio.get_running_loop().call_later(CONNECTION_IDLE_LIMIT, expire)
+
+    def _close_later(self, conn: _Connection) -> None:
+        task = asyncio.create_task(conn.close(), name="delivery-connection-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _deliver(self, claimed: ClaimedMessage) -> None:
         queue_id = claimed.queue_id
@@ -126,6 +204,23 @@ class DeliveryAgent:
                            rcpts: list[str]) -> dict[str, DeliveryResult]:
         last_error = "no address to try"
         for address in hop.addresses:
+            key: _CacheKey = (address, hop.spoof_source)
+            cached = self._take_idle(key)
+            if cached is not None:
+                try:
+                    results = await self._run_session(claimed, hop, address, rcpts, cached)
+                except BaseException:
+                    cached.session.reusable = False
+                    self._close_later(cached)
+                    raise
+                if results is not None:
+                    self._keep_idle(key, cached)
+                    return results
+                # The cached connection went stale (closed, RSET refused): not the message's
+                # fault; try a fresh connection, as Postfix does.
+                logs.debug("delivery_cached_connection_stale", qid=claimed.queue_id,
+                           relay=_hostport(address))
+                self._close_later(cached)
             try:
                 reader, writer = await open_onward(
                     address, source=hop.spoof_source, timeout=self.config.connect_timeout)
@@ -134,26 +229,41 @@ class DeliveryAgent:
                 logs.event("delivery_connect_failed", qid=claimed.queue_id,
                            relay=_hostport(address), error=last_error)
                 continue
+            envelope = claimed.envelope
+            conn = None
             try:
-                return await self._run_session(claimed, hop, address, rcpts, reader, writer)
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 5)
+                conn = _Connection(smtp_client.ClientSession(
+                    self.config.hostname, envelope.sender, rcpts, len(claimed.read_content()),
+                    eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
+                    tls="opportunistic" if self.tls_context is not None else "never",
+                    keep_open=True,
+                ), reader, writer)
+                results = await self._run_session(claimed, hop, address, rcpts, conn)
+                assert results is not None
+            except BaseException:
+                if conn is None:
+                    writer.close()
+                else:
+                    conn.session.reusable = False
+                    self._close_later(conn)
+                raise
+            self._keep_idle(key, conn)
+            return results
         return {rcpt: DeliveryResult(451, f"4.4.1 {last_error}", connected=False)
                 for rcpt in rcpts}
 
     async def _run_session(self, claimed: ClaimedMessage, hop: NextHop,
                            address: tuple[str, int], rcpts: list[str],
-                           reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> dict[str, DeliveryResult]:
+                           conn: _Connection) -> dict[str, DeliveryResult] | None:
+        """One transaction over `conn`: a new one, or a cached one (reusable), which gets
+        RSET first. None: a cached connection failed before the message was sent."""
         envelope = claimed.envelope
         content = claimed.read_content()
-        session = smtp_client.ClientSession(
-            self.config.hostname, envelope.sender, rcpts, len(content),
-            eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
-            tls="opportunistic" if self.tls_context is not None else "never",
-        )
+        session, reader, writer = conn.session, conn.reader, conn.writer
+        reused = session.reusable
+        if reused:
+            session.next_transaction(envelope.sender, rcpts, len(content),
+                                     eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
         relay = _hostport(address)
         timeout = self.config.delivery_timeout
         try:
@@ -183,11 +293,16 @@ class DeliveryAgent:
                                    spoofed=hop.spoof_source or "-")
                     return out
                 elif isinstance(event, smtp_client.Failed):
+                    if reused and event.stage == "rset":
+                        return None
                     logs.event("delivery_failed", qid=claimed.queue_id, relay=relay,
                                stage=event.stage, reply=str(event.reply))
                     return {rcpt: DeliveryResult(event.reply.code, str(event.reply)[4:],
                                                  connected=True) for rcpt in rcpts}
         except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
+            session.reusable = False
+            if reused and session.stage == "rset":
+                return None
             text = "timeout" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             logs.event("delivery_connection_lost", qid=claimed.queue_id, relay=relay, error=text)
             return {rcpt: DeliveryResult(451, f"4.4.2 {relay}: {text}", connected=True)

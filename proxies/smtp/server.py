@@ -11,15 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import ipaddress
+import mmap
+import multiprocessing
 import re
 import socket
 import ssl
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiosmtpd
+import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from proxies import logs
@@ -54,6 +60,10 @@ _ENHANCED_FOR_CODE = {
     500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
     530: "5.7.0", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.5.0", 555: "5.5.4",
 }
+# RFC 5321 4.1.2 Path = "<" Mailbox ">" with a Dot-string local part and a domain of dotted
+# labels: the forms Python's get_angle_addr returns unchanged, as the same addr_spec.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 _HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
@@ -92,12 +102,109 @@ class ConnectionGate:
             del self.by_client[client]
 
 
+class SharedConnectionGate(ConnectionGate):
+    """The same limits over every acceptor process (smtp.workers): SO_REUSEPORT spreads one
+    client's connections over the workers, so per-process counts would let it have `workers`
+    times its limit. Made before fork: the counts live in an anonymous shared mapping under
+    one lock, as a table client address -> count with linear probing (backward-shift
+    deletion keeps it exact). Live clients are at most `total`, the table twice that."""
+
+    _KEY = 16  # a packed IPv6 address; IPv4 ones are mapped
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self._size = 1 << max(8, (2 * total).bit_length())
+        self._mask = self._size - 1
+        self._memory = mmap.mmap(-1, 8 + self._size * (4 + self._KEY))  # MAP_SHARED
+        self._total_count = memoryview(self._memory)[:8].cast("q")
+        self._counts = memoryview(self._memory)[8:8 + 4 * self._size].cast("i")
+        self._keys_at = 8 + 4 * self._size
+        self._lock = multiprocessing.Lock()
+
+    @property
+    def count(self) -> int:  # type: ignore[override]
+        return int(self._total_count[0])
+
+    def _key(self, client: str) -> bytes:
+        address = ipaddress.ip_address(client)
+        if isinstance(address, ipaddress.IPv4Address):
+            return bytes(10) + b"\xff\xff" + address.packed
+        return address.packed
+
+    def _get_key(self, slot: int) -> bytes:
+        start = self._keys_at + slot * self._KEY
+        return self._memory[start:start + self._KEY]
+
+    def _set_key(self, slot: int, key: bytes) -> None:
+        start = self._keys_at + slot * self._KEY
+        self._memory[start:start + self._KEY] = key
+
+    def _home(self, key: bytes) -> int:
+        return zlib.crc32(key) & self._mask
+
+    def _find(self, key: bytes) -> int:
+        """The slot holding `key`, or the empty slot where it would go."""
+        slot = self._home(key)
+        while self._counts[slot] > 0 and self._get_key(slot) != key:
+            slot = (slot + 1) & self._mask
+        return slot
+
+    def admit(self, client: str) -> bool:
+        key = self._key(client)
+        with self._lock:
+            if self._total_count[0] >= self.total:
+                return False
+            slot = self._find(key)
+            if self._counts[slot] >= self.per_client:
+                return False
+            if self._counts[slot] == 0:
+                self._set_key(slot, key)
+            self._counts[slot] += 1
+            self._total_count[0] += 1
+            return True
+
+    def release(self, client: str) -> None:
+        key = self._key(client)
+        with self._lock:
+            slot = self._find(key)
+            if self._counts[slot] <= 0:
+                return  # not ours to release (cannot happen: admit() came first)
+            self._total_count[0] -= 1
+            self._counts[slot] -= 1
+            if self._counts[slot] == 0:
+                self._close_gap(slot)
+
+    def _close_gap(self, hole: int) -> None:
+        # Knuth's algorithm R: move back each later entry of the run that may sit in the hole.
+        slot = hole
+        while True:
+            slot = (slot + 1) & self._mask
+            if self._counts[slot] == 0:
+                return
+            home = self._home(self._get_key(slot))
+            if (home <= hole or home > slot) if hole <= slot else (home <= hole and home > slot):
+                self._set_key(hole, self._get_key(slot))
+                self._counts[hole] = self._counts[slot]
+                self._counts[slot] = 0
+                hole = slot
+
+
+# (class, handler) -> the names aiosmtpd's __init__ finds by introspection, see below.
+_METHOD_NAMES: dict[tuple[type, type], tuple[tuple[str, ...], tuple[str, ...],
+                                            tuple[tuple[str, str, bool], ...]]] = {}
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's protocol with the behaviour a public MTA needs on top."""
 
     def __init__(self, handler: GatewayHandler, *, gate: ConnectionGate, listen_port: int,
                  data_timeout: float, connection_id: int, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+        if (aiosmtpd.__version__ == "1.4.6" and set(kwargs) <= _FAST_INIT_ARGS
+                and kwargs.get("command_call_limit") is None):
+            self._fast_init(handler, **kwargs)
+        else:
+            super().__init__(handler, **kwargs)
         self.gate = gate
         self.listen_port = listen_port
         self.data_timeout = data_timeout
@@ -106,6 +213,64 @@ class GatewaySMTP(SMTP):
         self._admitted = False
         self._refused = False
         self._in_ehlo = False
+
+    def _fast_init(self, handler: GatewayHandler, *, hostname: str, ident: str,
+                   data_size_limit: int | None, enable_SMTPUTF8: bool, decode_data: bool,
+                   tls_context: ssl.SSLContext | None, timeout: float,
+                   command_call_limit: None = None) -> None:
+        """aiosmtpd 1.4.6's SMTP.__init__ for the arguments SmtpFrontEnd passes, with its
+        introspection (inspect.getmembers and dir over the protocol and the handler, which
+        reads every property: the largest cost of a new connection) done once per class and
+        handler instead of on every connection. The tables it builds are the same."""
+        self.__ident__ = ident
+        self.loop = aiosmtpd_smtp.make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=self.loop)
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.command_size_limits.clear()
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = aiosmtpd_smtp.login_always_fail
+        self._auth_required = False
+        key = (type(self), type(handler))
+        names = _METHOD_NAMES.get(key)
+        if names is None:
+            import inspect
+
+            auth = tuple(
+                (getattr(mfunc, "__auth_mechanism_name__",
+                         mname.replace("auth_", "").replace("__", "-")), mname, obj is self)
+                for obj in (self, handler)
+                for mname, mfunc in inspect.getmembers(obj)
+                if mname.startswith("auth_"))
+            names = (tuple(m for m in dir(handler) if m.startswith("handle_")),
+                     tuple(m for m in dir(self) if m.startswith("smtp_")), auth)
+            _METHOD_NAMES[key] = names
+        hooks, methods, auth = names
+        self._auth_methods = {
+            mech: aiosmtpd_smtp._AuthMechAttr(getattr(self if own else handler, mname), own)
+            for mech, mname, own in auth}
+        self._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in hooks}
+        self._ehlo_hook_ver = "new"  # GatewayHandler.handle_EHLO takes five arguments
+        self._smtp_methods = {m.replace("smtp_", ""): getattr(self, m) for m in methods}
+        self._enforce_call_limit = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.client is None:  # the first call; a second one comes after STARTTLS
@@ -175,6 +340,19 @@ class GatewaySMTP(SMTP):
         # a path is "<" ... ">" (RFC 5321 4.1.2), and a truncated one is refused.
         if path.startswith("<") and ">" not in path:
             return None, None
+        # The usual path, <dot-atom@dot-atom>, needs no general parser (RFC 5322's, under
+        # aiosmtpd, was a large share of a message's cost); anything else still goes to it.
+        simple = _SIMPLE_PATH.match(arg)
+        if simple is not None:
+            rest = arg[simple.end():]
+            if rest[:1] in (" ", "\t"):
+                rest = rest.lstrip()  # the folding white space get_angle_addr drops
+            if not rest.startswith("("):  # a comment: leave it to the general parser
+                address = simple.group(1)
+                limit = self.local_part_limit
+                if limit and len(address.rpartition("@")[0]) > limit:
+                    return None, None
+                return address, rest
         return super()._getaddr(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -230,6 +408,10 @@ class GatewaySMTP(SMTP):
             logs.event("smtp_timeout", conn=self.connection_id,
                        client=self.client.client_address if self.client else "-")
         super()._timeout_cb()
+
+
+_FAST_INIT_ARGS = frozenset({"hostname", "ident", "data_size_limit", "enable_SMTPUTF8",
+                             "decode_data", "tls_context", "timeout", "command_call_limit"})
 
 
 def _plain_ip(address: str) -> str:
@@ -406,11 +588,13 @@ class SmtpFrontEnd:
     """Owns the listening sockets and builds one GatewaySMTP per connection."""
 
     def __init__(self, config: SmtpConfig, handler: GatewayHandler,
-                 tls_context: ssl.SSLContext | None) -> None:
+                 tls_context: ssl.SSLContext | None, gate: ConnectionGate | None = None) -> None:
         self.config = config
         self.handler = handler
         self.tls_context = tls_context
-        self.gate = ConnectionGate(config.max_connections, config.max_connections_per_client)
+        # Workers share one gate (SharedConnectionGate, made by the master before fork).
+        self.gate = gate or ConnectionGate(config.max_connections,
+                                           config.max_connections_per_client)
         self._next_id = 0
         self.servers: list[asyncio.base_events.Server] = []
 

@@ -452,6 +452,91 @@ def test_bad_arguments(sender: str, recipients: list[str], options: dict[str, An
                       smtputf8=False)
 
 
+# --- keep_open: several transactions over one connection --------------------------------------
+
+def kept_open_after_one(**options: Any) -> ClientSession:
+    """A keep_open session that delivered one message (pipelining) and queued no QUIT."""
+    session = Session(recipients=[BOB], options={"keep_open": True, **options}).make()
+    run(session, [
+        ("S", GREETING), ("E", NEED_DATA), ("C", C_EHLO), ("S", EHLO_PIPELINING),
+        ("E", NEED_DATA),
+        ("C", b"MAIL FROM:<alice@src.example> SIZE=33\r\nRCPT TO:<bob@dst.example>\r\n"
+              b"DATA\r\n"),
+        ("S", b"250 Ok\r\n250 Ok\r\n354 go\r\n"), ("E", ReadyForContent()),
+        ("CONTENT", CONTENT, True), ("C", WIRE_CONTENT),
+        ("S", b"250 2.0.0 Ok: queued as 1\r\n"),
+        ("E", finished({BOB: QUEUED}, QUEUED)), ("C", b""),
+    ])
+    assert session.reusable
+    return session
+
+
+def test_keep_open_second_transaction_after_rset() -> None:
+    session = kept_open_after_one()
+    session.next_transaction("dave@src.example", [CAROL], 4, eight_bit=False, smtputf8=False)
+    assert not session.reusable
+    second = R(250, "2.0.0", "Ok: queued as 2")
+    run(session, [
+        ("E", NEED_DATA), ("C", b"RSET\r\n"), ("S", b"250 2.0.0 Ok\r\n"), ("E", NEED_DATA),
+        ("C", b"MAIL FROM:<dave@src.example> SIZE=4\r\nRCPT TO:<carol@dst.example>\r\n"
+              b"DATA\r\n"),
+        ("S", b"250 Ok\r\n250 Ok\r\n354 go\r\n"), ("E", ReadyForContent()),
+        ("CONTENT", b"body", True), ("C", b"body\r\n.\r\n"),
+        ("S", b"250 2.0.0 Ok: queued as 2\r\n"),
+        ("E", finished({CAROL: second}, second)), ("C", b""),
+    ])
+    assert session.reusable
+    session.quit()
+    assert session.data_to_send() == QUIT
+    assert not session.reusable
+    with pytest.raises(LocalProtocolError):
+        session.next_transaction("a@b.example", [BOB], 1, eight_bit=False, smtputf8=False)
+
+
+@pytest.mark.parametrize(("reply", "expected", "quit"), [
+    (b"421 4.3.2 closing\r\n", Failed(R(421, "4.3.2", "closing"), "rset"), b""),
+    (b"554 5.5.0 no\r\n", Failed(R(454, "4.5.0", "no"), "rset"), QUIT),
+])
+def test_keep_open_rset_refused(reply: bytes, expected: Failed, quit: bytes) -> None:
+    # The message is not at fault: a refused RSET is a transient failure of the connection.
+    session = kept_open_after_one()
+    session.next_transaction("a@b.example", [BOB], 1, eight_bit=False, smtputf8=False)
+    run(session, [("C", b"RSET\r\n"), ("S", reply), ("E", expected), ("C", quit)])
+    assert not session.reusable
+
+
+def test_keep_open_not_reusable_after_421_or_eof() -> None:
+    session = Session(recipients=[BOB], options={"keep_open": True}).make()
+    run(session, [
+        ("S", GREETING), ("E", NEED_DATA), ("C", C_EHLO), ("S", EHLO_PIPELINING),
+        ("E", NEED_DATA), ("C", b"MAIL FROM:<alice@src.example> SIZE=33\r\n"
+                                b"RCPT TO:<bob@dst.example>\r\nDATA\r\n"),
+        ("S", b"421 4.3.2 shutting down\r\n"),
+        ("E", Failed(R(421, "4.3.2", "shutting down"), "mail")), ("C", b""),
+    ])
+    assert not session.reusable
+    with pytest.raises(LocalProtocolError):
+        session.next_transaction("a@b.example", [BOB], 1, eight_bit=False, smtputf8=False)
+    # A greeting refused: never past hello, so never reused (QUIT as without keep_open).
+    refused = Session(recipients=[BOB], options={"keep_open": True}).make()
+    run(refused, [("S", b"554 5.7.1 go away\r\n"),
+                  ("E", Failed(R(454, "4.7.1", "go away"), "greeting")), ("C", QUIT)])
+    assert not refused.reusable
+
+
+def test_keep_open_without_pipelining_all_recipients_refused() -> None:
+    # Nothing outstanding after the last RCPT's 550: the connection stays usable.
+    session = Session(recipients=[BOB], options={"keep_open": True}).make()
+    refused = R(550, "5.1.1", "unknown")
+    run(session, [
+        ("S", GREETING), ("E", NEED_DATA), ("C", C_EHLO), ("S", EHLO_PLAIN), ("E", NEED_DATA),
+        ("C", b"MAIL FROM:<alice@src.example> SIZE=33\r\n"), ("S", b"250 Ok\r\n"),
+        ("E", NEED_DATA), ("C", b"RCPT TO:<bob@dst.example>\r\n"),
+        ("S", b"550 5.1.1 unknown\r\n"), ("E", finished({BOB: refused}, None)), ("C", b""),
+    ])
+    assert session.reusable
+
+
 # --- properties -----------------------------------------------------------------------------
 
 def drive(session: ClientSession, server_chunks: Sequence[bytes], content: bytes = CONTENT
