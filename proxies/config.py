@@ -182,3 +182,13 @@ def config_from_data(path: Path, data: dict[str, Any]) -> Config:
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
     return config_from_data(path, read_toml(path))
+
+
+def load_config_for_tool(path: Path | None) -> Config | None:
+    """The config an administration command (`mailgate queue`, `mailgate quarantine`) reads:
+    `path` if given, else the default file if it exists, else None (built-in defaults)."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return None
+        path = DEFAULT_CONFIG_PATH
+    return load_config(path)

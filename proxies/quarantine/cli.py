@@ -13,17 +13,15 @@ import asyncio
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any
 
-from netsetup.configfile import parse_duration
+from netsetup.configfile import DEFAULT_CONFIG_PATH
+from proxies.config import Config, ConfigError, load_config_for_tool
 from proxies.quarantine.store import NoSuchEntry, Quarantine, QuarantineEntry, QuarantineError
 from proxies.queue import Queue, QueueError, poke_master
 
 DEFAULT_QUARANTINE_DIR = Path("/var/lib/mailgate/quarantine")
 DEFAULT_QUEUE_DIR = Path("/var/spool/mailgate")
-DEFAULT_CONFIG = Path("/etc/mailgate/mailgate.toml")
 DEFAULT_RETENTION = 30 * 86400.0
 PROG = "mailgate quarantine"
 
@@ -40,7 +38,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                             f"file, else {DEFAULT_QUARANTINE_DIR})")
     where.add_argument("--config", type=Path, metavar="PATH",
                        help=f"the config file to read quarantine.dir, quarantine.retention and "
-                            f"smtp.queue_dir from (default: {DEFAULT_CONFIG} if it exists)")
+                            f"smtp.queue_dir from (default: {DEFAULT_CONFIG_PATH} if it exists)")
     where.add_argument("--json", action="store_true",
                        help="print JSON for scripts instead of text")
     parser = subparsers.add_parser(
@@ -82,34 +80,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.set_defaults(handler=run)
 
 
-def _config(args: argparse.Namespace) -> dict[str, Any]:
-    path = args.config
-    if path is None:
-        if not DEFAULT_CONFIG.exists():
-            return {}
-        path = DEFAULT_CONFIG
+def _config(args: argparse.Namespace) -> Config | None:
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except OSError as exc:
-        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        return load_config_for_tool(args.config)
+    except ConfigError as exc:
+        raise UserError(f"the config file has problems:\n{exc}") from None
 
 
-def _setting(config: dict[str, Any], section: str, key: str, default: Any) -> Any:
-    table = config.get(section, {})
-    return table.get(key, default) if isinstance(table, dict) else default
-
-
-def open_quarantine(args: argparse.Namespace, config: dict[str, Any]) -> Quarantine:
-    directory = args.quarantine_dir or Path(
-        str(_setting(config, "quarantine", "dir", DEFAULT_QUARANTINE_DIR)))
-    try:
-        retention = parse_duration(_setting(config, "quarantine", "retention",
-                                            DEFAULT_RETENTION))
-    except ValueError as exc:
-        raise UserError(f"quarantine.retention: {exc}") from None
+def open_quarantine(args: argparse.Namespace, config: Config | None) -> Quarantine:
+    settings = config.scan.quarantine if config is not None else None
+    directory = args.quarantine_dir or (settings.dir if settings else DEFAULT_QUARANTINE_DIR)
+    retention = settings.retention if settings else DEFAULT_RETENTION
     if not directory.is_dir():
         raise UserError(f"no quarantine at {directory} (use --dir DIR, or set quarantine.dir "
                         "in the config file)")
@@ -147,7 +128,7 @@ def _what(entry: QuarantineEntry) -> str:
         else result.verdict
 
 
-def _list(quarantine: Quarantine, args: argparse.Namespace, config: dict[str, Any]) -> int:
+def _list(quarantine: Quarantine, args: argparse.Namespace, config: Config | None) -> int:
     entries = quarantine.list()
     if args.json:
         print(json.dumps([e.as_json() for e in entries], indent=2))
@@ -162,7 +143,7 @@ def _list(quarantine: Quarantine, args: argparse.Namespace, config: dict[str, An
     return 0
 
 
-def _show(quarantine: Quarantine, args: argparse.Namespace, config: dict[str, Any]) -> int:
+def _show(quarantine: Quarantine, args: argparse.Namespace, config: Config | None) -> int:
     entry = quarantine.entry(args.entry_id)
     content = b"" if args.no_content else quarantine.content(args.entry_id)
     if args.json:
@@ -195,13 +176,13 @@ def _show(quarantine: Quarantine, args: argparse.Namespace, config: dict[str, An
     return 0
 
 
-def _queue_dir(args: argparse.Namespace, config: dict[str, Any]) -> Path:
+def _queue_dir(args: argparse.Namespace, config: Config | None) -> Path:
     if args.queue_dir is not None:
         return Path(args.queue_dir)
-    return Path(str(_setting(config, "smtp", "queue_dir", DEFAULT_QUEUE_DIR)))
+    return config.smtp.queue_dir if config is not None else DEFAULT_QUEUE_DIR
 
 
-def _release(quarantine: Quarantine, args: argparse.Namespace, config: dict[str, Any]) -> int:
+def _release(quarantine: Quarantine, args: argparse.Namespace, config: Config | None) -> int:
     queue_dir = _queue_dir(args, config)
     if not queue_dir.is_dir():
         raise UserError(f"no queue at {queue_dir} (use --queue-dir DIR, or set smtp.queue_dir "
@@ -228,7 +209,7 @@ def _release(quarantine: Quarantine, args: argparse.Namespace, config: dict[str,
     return 0
 
 
-def _delete(quarantine: Quarantine, args: argparse.Namespace, config: dict[str, Any]) -> int:
+def _delete(quarantine: Quarantine, args: argparse.Namespace, config: Config | None) -> int:
     status = 0
     deleted = []
     for entry_id in args.entry_ids:

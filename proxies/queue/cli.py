@@ -11,15 +11,15 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from netsetup.configfile import DEFAULT_CONFIG_PATH
+from proxies.config import ConfigError, load_config_for_tool
 from proxies.queue.model import NoSuchMessage, QueueError
 from proxies.queue.store import Queue, poke_master
 
 DEFAULT_QUEUE_DIR = Path("/var/spool/mailgate")
-DEFAULT_CONFIG = Path("/etc/mailgate/mailgate.toml")
 PROG = "mailgate queue"
 
 
@@ -35,7 +35,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                             f"file, else {DEFAULT_QUEUE_DIR})")
     where.add_argument("--config", type=Path, metavar="PATH",
                        help=f"the config file to read smtp.queue_dir from "
-                            f"(default: {DEFAULT_CONFIG} if it exists)")
+                            f"(default: {DEFAULT_CONFIG_PATH} if it exists)")
     queue = subparsers.add_parser(
         "queue",
         help="list, show, retry, hold, release or delete queued mail",
@@ -96,23 +96,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def queue_dir_from(args: argparse.Namespace) -> Path:
     if args.queue_dir is not None:
         return Path(args.queue_dir)
-    config = args.config
-    if config is None:
-        if not DEFAULT_CONFIG.exists():
-            return DEFAULT_QUEUE_DIR
-        config = DEFAULT_CONFIG
     try:
-        with open(config, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise UserError(f"cannot read config file {config}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file {config} is not valid TOML: {exc}") from None
-    smtp = data.get("smtp", {})
-    value = smtp.get("queue_dir", str(DEFAULT_QUEUE_DIR)) if isinstance(smtp, dict) else None
-    if not isinstance(value, str) or not value:
-        raise UserError(f"{config}: smtp.queue_dir must be a directory name")
-    return Path(value)
+        config = load_config_for_tool(args.config)
+    except ConfigError as exc:
+        raise UserError(f"the config file has problems:\n{exc}") from None
+    return config.smtp.queue_dir if config is not None else DEFAULT_QUEUE_DIR
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,7 +115,8 @@ def test_queue_dir_from_config(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, out, _err = run(capsys, "list", "--json", "--config", str(config))
     assert code == 0 and len(json.loads(out)) == 2
     code, _out, err = run(capsys, "list", "--config", str(tmp_path / "missing.toml"))
-    assert code == 1 and err.startswith("mailgate queue: cannot read config file")
+    assert code == 1 and err.startswith("mailgate queue: the config file has problems")
+    assert f"{tmp_path / 'missing.toml'}: -: no such file" in err
     code, _out, err = run(capsys, "list", "--queue-dir", str(tmp_path / "nowhere"))
     assert code == 1 and "no queue at" in err
 
