@@ -17,26 +17,9 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing Debian packages: ${missing[*]}"
-  # Package scripts must not start system daemons: they would take ports 25/110/783 on the
-  # host and freshclam would try the network. policy-rc.d exit 101 forbids it.
-  created_policy=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    created_policy=1
-  fi
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-fi
+# Without this, postfix's package configures itself as an Internet site.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+scripts/install-debs.sh "${packages[@]}"
 
 stamp=.venv/.mailgate-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
