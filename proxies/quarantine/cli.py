@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from netsetup.configfile import DEFAULT_CONFIG_PATH
+from proxies.cliutil import report_failures
 from proxies.config import Config, ConfigError, load_config_for_tool
 from proxies.quarantine.store import NoSuchEntry, Quarantine, QuarantineEntry, QuarantineError
 from proxies.queue import Queue, QueueError, poke_master
@@ -98,20 +99,12 @@ def open_quarantine(args: argparse.Namespace, config: Config | None) -> Quaranti
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    def action() -> int:
         config = _config(args)
         quarantine = open_quarantine(args, config)
         return _VERBS[args.quarantine_command](quarantine, args, config)
-    except (UserError, QuarantineError, QueueError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except PermissionError as exc:
-        print(f"{PROG}: permission denied: {exc.filename} (run as the mailgate user or root)",
-              file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{PROG}: {exc.filename or 'quarantine'}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+
+    return report_failures(PROG, "quarantine", action, (UserError, QuarantineError, QueueError))
 
 
 def _time(ts: float) -> str:

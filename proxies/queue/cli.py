@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from netsetup.configfile import DEFAULT_CONFIG_PATH
+from proxies.cliutil import report_failures
 from proxies.config import ConfigError, load_config_for_tool
 from proxies.queue.model import NoSuchMessage, QueueError
 from proxies.queue.store import Queue, poke_master
@@ -104,26 +105,14 @@ def queue_dir_from(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    def action() -> int:
         directory = queue_dir_from(args)
         if not directory.is_dir():
             raise UserError(f"no queue at {directory} (use --queue-dir DIR, or set "
                             "smtp.queue_dir in the config file)")
-        queue = Queue(directory, create=False)
-        return _VERBS[args.queue_command](queue, args)
-    except UserError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except QueueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except PermissionError as exc:
-        print(f"{PROG}: permission denied: {exc.filename} (run as the mailgate user or root)",
-              file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{PROG}: {exc.filename or 'queue'}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _VERBS[args.queue_command](Queue(directory, create=False), args)
+
+    return report_failures(PROG, "queue", action, (UserError, QueueError))
 
 
 def _list(queue: Queue, args: argparse.Namespace) -> int:
