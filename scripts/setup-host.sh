@@ -9,6 +9,8 @@ packages=(
   iproute2 iptables ebtables nftables libnetfilter-queue-dev pkg-config gcc
   python3 python3-venv python3-dev
   postfix swaks dovecot-pop3d clamav-daemon spamassassin spamd rspamd fetchmail getmail6
+  # swaks speaks IPv6 only with this, a mere Recommends (and we install without those).
+  libio-socket-inet6-perl
   openssl
 )
 
