@@ -27,7 +27,9 @@ unique names; claim() is a rename, so only one process can win a message; the CL
 touches and deletes. No method relies on memory shared with another process: the delivery
 process's schedule (the in-memory index behind due()) is rebuilt from the directories by
 rescan(), which the daemon calls on SIGUSR1, which `flush`, `release` and other acceptor
-processes send through `poke_master`.
+processes send through `poke_master`. Within the delivery process, every change of that schedule
+is told to `on_schedule` with the new due time, so the scheduler sleeps until the next due time
+and is woken when one comes earlier (a deferral, a release, a flush, a new message).
 """
 
 from __future__ import annotations
@@ -179,6 +181,10 @@ class Queue:
         # The delivery schedule: queue id -> next attempt, for incoming/ and deferred/.
         self._index: dict[str, float] = {}
         self._scanned = False
+        # Called with the due time each time a message is (re)scheduled, from whichever thread
+        # did it (record_attempt runs in a worker thread): the delivery agent's wake-up. Only
+        # earlier times matter to it; a message leaving the schedule is not told.
+        self.on_schedule: Callable[[float], None] | None = None
 
     # --- accepting ------------------------------------------------------------------------
 
@@ -265,8 +271,7 @@ class Queue:
                     if not item.future.done():
                         item.future.set_exception(result)
                     continue
-                with self._lock:
-                    self._index[item.queue_id] = now
+                self._schedule(item.queue_id, now)
                 if not item.future.done():
                     item.future.set_result(item.queue_id)
 
@@ -336,8 +341,7 @@ class Queue:
                 raise _write_error(exc, "sync queue directory") from exc
         finally:
             self._discard(tmp)
-        with self._lock:
-            self._index[queue_id] = self.clock()
+        self._schedule(queue_id, self.clock())
         return queue_id
 
     def close(self) -> None:
@@ -428,7 +432,20 @@ class Queue:
         a rescan of the directories."""
         if queuefile.is_queue_id(queue_id):
             with self._lock:
-                self._index.setdefault(queue_id, self.clock())
+                when = self._index.setdefault(queue_id, self.clock())
+            self._told(when)
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        """Set a message's next attempt; the only way into the schedule besides rescan()."""
+        with self._lock:
+            self._index[queue_id] = when
+        self._told(when)
+
+    def _told(self, when: float) -> None:
+        # Outside the lock: the listener may take its own (the event loop's).
+        listener = self.on_schedule
+        if listener is not None:
+            listener(when)
 
     def rescan(self) -> int:
         """Rebuild the schedule from the directories (after another process changed them:
@@ -445,6 +462,8 @@ class Queue:
         with self._lock:
             self._index = index
             self._scanned = True
+        if index:
+            self._told(min(index.values()))
         return len(index)
 
     @staticmethod
@@ -514,8 +533,7 @@ class Queue:
             os.rename(path, self._dirs[DEFERRED] / queue_id)
         except FileNotFoundError:
             return False
-        with self._lock:
-            self._index[queue_id] = now
+        self._schedule(queue_id, now)
         return True
 
     def backoff(self, attempts: int) -> float:
@@ -663,8 +681,9 @@ class Queue:
                     os.rename(path, self._dirs[DEFERRED] / queue_id)
             except FileNotFoundError:
                 continue  # moved by another process (hold, delete): look again
-            with self._lock:
-                self._index[queue_id] = next_attempt
+            # The scheduler is sleeping until the next due time it knew of (or for a whole
+            # scan interval if the queue was empty); this may be earlier: it must be woken.
+            self._schedule(queue_id, next_attempt)
             return
 
     def _locate(self, queue_id: str, order: tuple[str, ...] = _MESSAGE_DIRS
@@ -784,14 +803,14 @@ class Queue:
         except FileNotFoundError:
             return False
         _fsync_dir(self._dirs[DEFERRED])
-        with self._lock:
-            self._index[queue_id] = now
+        self._schedule(queue_id, now)
         return True
 
     def flush(self) -> int:
         """Make every deferred message due now (like `postqueue -f`); returns how many."""
         now = self.clock()
         count = 0
+        rescheduled = False
         for name in self._names(DEFERRED):
             if queuefile.is_queue_id(name):
                 with contextlib.suppress(FileNotFoundError):
@@ -800,6 +819,9 @@ class Queue:
                     with self._lock:
                         if name in self._index:
                             self._index[name] = now
+                            rescheduled = True
+        if rescheduled:
+            self._told(now)
         return count
 
 

@@ -11,6 +11,14 @@ CRLF.CRLF ends data (`DataReader`), content with a bare CR or LF is rejected or 
 (`find_bare_line_endings`, `normalise_line_endings`), and content is only ever re-emitted in
 canonical form (`dot_stuff`, `DotStuffer`), in which no reader, strict or lenient, can find an
 end before the real one.
+
+A NUL octet is smuggling material of the same kind: a server that drops NULs on input reads
+"CRLF NUL . CRLF" as "CRLF . CRLF", ends the data there and takes the rest as commands. A
+message has no business holding one (RFC 5322 3.5: body text is %d1-127 less CR and LF, NUL
+only in the obsolete syntax of 4.1; RFC 2045 2.7, 2.8: neither 7bit nor 8bit data contains
+NULs; only BINARYMIME, RFC 3030, which we never offer, allows them), so a NUL is not
+normalised away but refused (`find_nul`): the receiver answers 550 5.6.0, as Postfix does
+when told to (message_reject_characters = \\0).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ __all__ = [
     "count_received_headers",
     "dot_stuff",
     "find_bare_line_endings",
+    "find_nul",
     "longest_line",
     "normalise_line_endings",
     "split_header_body",
@@ -64,6 +73,13 @@ def find_bare_line_endings(content: bytes) -> int | None:
         return None
     match = _BARE_LINE_ENDING.search(content)
     return None if match is None else match.start()
+
+
+def find_nul(content: bytes) -> int | None:
+    """Offset of the first NUL octet, or None (see the module docstring: the DATA phase refuses
+    a message that holds one)."""
+    offset = content.find(b"\0")  # memchr: one pass, no regex, no copy
+    return None if offset < 0 else offset
 
 
 def normalise_line_endings(content: bytes) -> bytes:
@@ -211,7 +227,9 @@ class DataReader:
 
     Start it right after the 354 reply; `receive_data(bytes)` buffers (b"" means the peer
     closed), `next_event()` returns `NEED_DATA` or, once, `DataComplete`. Only CRLF.CRLF ends
-    data; a bare CR or LF never does, and is reported in `DataComplete.bare_line_ending`.
+    data; a bare CR or LF never does, and is reported in `DataComplete.bare_line_ending`. A NUL
+    never does either ("CRLF NUL . CRLF" is content): the caller refuses content in which
+    `find_nul` finds one.
 
     With `max_size`, once the content is known to be bigger the buffer is dropped (only the
     last octets are kept, to find the terminator) while octets are still counted, and

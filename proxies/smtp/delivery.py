@@ -3,14 +3,22 @@ driver that runs the sans-I/O SMTP client over a (possibly source-spoofed) conne
 
 The scheduler is the only place that decides when a message is tried; the queue decides what
 an attempt's replies mean (delivered, deferred with backoff, bounced).
+
+Between rounds the scheduler sleeps until the queue's next due time (at most
+queue_scan_interval, the safety net for changes it was not told of). The queue tells it of every
+due time it sets (`Queue.on_schedule`), and one earlier than the planned wake-up wakes it: a
+deferral after retry_min = 2s is retried 2 s later, not at the next scan. (Postfix's qmgr(8)
+looks at deferred mail only every queue_run_delay; the in-memory schedule lets us be exact.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import ssl
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -73,13 +81,44 @@ class DeliveryAgent:
         # Idle onward connections, newest last (cf. Postfix's scache).
         self._idle: dict[_CacheKey, list[_Connection]] = defaultdict(list)
         self._closing: set[asyncio.Task[None]] = set()
+        # When the sleeping scheduler means to look at the queue again (queue clock); inf
+        # while it is awake, so any change then is looked at in the next round.
+        self.next_wakeup = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
 
     def wake(self, queue_id: str | None = None) -> None:
         """Called when a message was queued or the queue changed on disk (flush, release)."""
         self._wake.set()
 
+    def _scheduled(self, when: float) -> None:
+        """`Queue.on_schedule`: a message is due at `when`. Called from any thread (claims and
+        attempt records run in worker threads), so it only reads and posts to the loop."""
+        loop = self._loop
+        if loop is None or when >= self.next_wakeup:
+            return  # not running, or woken by then anyway
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
+                loop.call_soon_threadsafe(self._wake.set)
+
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.queue.on_schedule = self._scheduled
+        try:
+            await self._run()
+        finally:
+            self.queue.on_schedule = None
+            self._loop = None
+            self.next_wakeup = math.inf
+
+    async def _run(self) -> None:
         while not self._stopping:
+            # Order matters: next_wakeup is inf before the event is cleared and until the new
+            # one is set below, so a due time set at any moment in between wakes the next wait.
+            self.next_wakeup = math.inf
             self._wake.clear()
             for queue_id in self.queue.due():
                 if self._stopping:
@@ -97,11 +136,13 @@ class DeliveryAgent:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             next_due = self.queue.next_due_time()
-            delay = self.config.queue_scan_interval
+            now = self.queue.clock()
+            wakeup = now + self.config.queue_scan_interval
             if next_due is not None:
-                delay = max(0.0, min(delay, next_due - time.time()))
+                wakeup = min(wakeup, next_due)
+            self.next_wakeup = wakeup
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, wakeup - now))
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking messages; let attempts under way finish for `grace` seconds. A message
@@ -164,8 +205,6 @@ class DeliveryAgent:
             if outcome.bounced:
                 logs.event("bounced", qid=queue_id, rcpts=",".join(outcome.bounced),
                            dsn=outcome.dsn_id or "none (null sender)")
-            if outcome.dsn_id:
-                self.wake()
         except asyncio.CancelledError:
             self.queue.release_claim(queue_id)
             raise

@@ -39,6 +39,7 @@ from proxies.smtp.dataframe import (
     check_line_length,
     count_received_headers,
     find_bare_line_endings,
+    find_nul,
     normalise_line_endings,
 )
 from proxies.smtp.errors import RemoteProtocolError
@@ -489,6 +490,12 @@ class GatewayHandler:
         client = self._client(session)
         content = envelope.original_content
         assert isinstance(content, bytes)
+        # Smuggling too: a server that drops NULs reads "CRLF NUL . CRLF" as the end of data.
+        # No message may hold a NUL (RFC 5322 3.5, RFC 2045 2.8), so refuse, never normalise.
+        if find_nul(content) is not None:
+            logs.warning("smtp_nul_in_data", conn=client.connection_id,
+                         client=client.client_address)
+            return "550 5.6.0 Message contains NUL characters"
         # SMTP smuggling (CVE-2023-51764): a bare LF or CR is how a client hides a second
         # message that another server would see end at "\n.\n"; only CRLF is a line end.
         if find_bare_line_endings(content) is not None:

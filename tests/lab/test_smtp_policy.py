@@ -262,6 +262,31 @@ def test_smuggling_probes_never_make_two_messages(env: Env, mode: str) -> None:
             assert b"smuggled message" in sunk.content  # the inner part stayed text
 
 
+def test_nul_in_data_is_refused_and_never_ends_data(env: Env) -> None:
+    """A server that drops NULs would read "CRLF NUL . CRLF" as the end of data and the rest as
+    commands: the gateway refuses any message with a NUL, and nothing reaches the server."""
+    before = len(env.sink_messages())
+    with env.raw() as session:
+        assert session.command(b"EHLO " + HELO.encode()).startswith(b"250")
+        assert session.command(b"MAIL FROM:<a@sender.example>").startswith(b"250")
+        assert session.command(b"RCPT TO:<alice@example.com>").startswith(b"250")
+        assert session.command(b"DATA").startswith(b"354")
+        session.send(b"Subject: nul-in-a-line\r\n\r\nbefore\0after\r\n.\r\n")
+        reply = session.reply()
+        assert reply.startswith(b"550 5.6.0"), reply
+        # Refused, not disconnected: the next transaction may begin.
+        assert session.command(b"MAIL FROM:<a@sender.example>").startswith(b"250")
+        assert session.command(b"QUIT").startswith(b"221")
+    replies = smuggle(env, 9, b"\r\n\0.\r\n")
+    # One reply to the one DATA, then the 221: the pipelined MAIL FROM... was message text.
+    assert len(replies) == 2 and replies[1].startswith(b"221"), replies
+    assert replies[0].startswith(b"550 5.6.0"), replies
+    got = settle(env, "after-nul")[before:]
+    assert [m.content[:300] for m in got if b"after-nul" not in m.content] == []
+    assert all("victim" not in rcpt for m in got for rcpt in m.rcpts)
+    assert env.gateway is not None and env.gateway.events("smtp_nul_in_data")
+
+
 # --- limits ------------------------------------------------------------------------------------
 
 

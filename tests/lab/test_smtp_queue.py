@@ -137,6 +137,35 @@ def test_server_down_queued_retried_then_delivered(env: Env) -> None:
     assert gateway.events("delivery", qid=qid)[-1]["reply"].startswith("250")
 
 
+def test_retry_comes_within_seconds_of_the_server_coming_back(env: Env) -> None:
+    """With the default scan interval (60 s) only the deferrals themselves can wake the
+    scheduler: a message deferred with retry_max 4 s arrives within 5 s of the server's
+    return, wherever in the backoff that falls."""
+    gateway = env.gateway(retry_min="2s", retry_max="4s", queue_scan_interval="60s")
+    result = swaks(env.lab, env.lab.sender, server_address(env.lab),
+                   mail_from=f"oscar@{SENDER_DOMAIN}", rcpt="alice@example.com",
+                   data=message("retried-on-time"))
+    qid = qid_of(result.stdout)
+
+    def attempts() -> int:
+        entries = {e["queue_id"]: e for e in gateway.queue_list()}
+        return int(entries[qid]["attempts"]) if qid in entries else 0
+
+    # Three refused attempts (at 0, 2 and 6 s): the backoff is at retry_max now. Without the
+    # wake-up the second would wait for the scan, a minute later.
+    wait_until(lambda: attempts() >= 3, "three refused attempts", 15, gateway.process,
+               (gateway.log_path,))
+    sink = SmtpSink.start(env.lab, env.lab.server, env.base / "sink", dump=True)
+    env.peers.append(sink.stop)
+    back = time.monotonic()
+    (sunk,) = sink.wait_for_messages(1, timeout=15)
+    took = time.monotonic() - back
+    assert took < 5, f"delivered {took:.1f} s after the server came back"
+    assert b"Subject: retried-on-time" in sunk.content
+    gateway.wait_queue_empty()
+    assert gateway.events("delivery", qid=qid)[-1]["reply"].startswith("250")
+
+
 def test_partial_refusal_delivers_the_rest_and_bounces_to_the_sender(env: Env) -> None:
     gateway = env.gateway()
     receiver = env.receiver(users=["alice@example.com"])

@@ -7,11 +7,17 @@ import email
 import email.policy
 import errno
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from proxies.config import SmtpConfig
 from proxies.queue import (
+    AttemptOutcome,
+    ClaimedMessage,
     DeliveryResult,
     Envelope,
     Queue,
@@ -21,6 +27,7 @@ from proxies.queue import (
 )
 from proxies.queue import store as store_module
 from proxies.queue.queuefile import MAGIC, is_queue_id
+from proxies.smtp.delivery import DeliveryAgent
 
 CONTENT = b"From: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 OK = DeliveryResult(250, "2.0.0 Ok: queued as X")
@@ -391,6 +398,86 @@ def test_release_claim_puts_back_untried(tmp_path: Path) -> None:
     queue.claim(queue_id)
     assert queue.release_claim(queue_id)
     assert queue.due() == [queue_id] and queue.entry(queue_id).attempts == 0
+
+
+def test_every_new_due_time_is_told_to_on_schedule(tmp_path: Path) -> None:
+    clock = Clock()
+    queue = make_queue(tmp_path, clock, retry_min=2, retry_max=4)
+    told: list[float] = []
+    queue.on_schedule = told.append
+    queue_id = accept(queue)
+    assert told == [clock.now]                      # a new message: due now
+    queue.claim(queue_id)
+    outcome = queue.record_attempt(queue_id, LATER)
+    assert told[-1] == outcome.next_attempt == clock.now + 2 == queue.next_due_time()
+    told.clear()
+    assert queue.hold(queue_id) and told == []      # leaving the schedule wakes nobody
+    clock.now += 1
+    assert queue.release(queue_id) and told == [clock.now]
+    clock.now += 1
+    assert queue.flush() == 1 and told[-1] == clock.now
+    queue.claim(queue_id)
+    clock.now += 1
+    assert queue.release_claim(queue_id) and told[-1] == clock.now
+    queue.claim(queue_id)
+    queue.record_attempt(queue_id, UNKNOWN)         # the bounce notification: due now
+    assert told[-1] == clock.now and queue.due() != []
+
+
+def test_a_deferral_wakes_the_sleeping_scheduler_at_its_due_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler sleeps until the next due time it knows of: a whole scan interval when the
+    only message is being tried. The deferral must move that wake-up to the retry time."""
+    retry = 0.3
+    queue = Queue(tmp_path, hostname="gw.example.net", retry_min=retry, retry_max=retry)
+    config = SmtpConfig(hostname="gw.example.net", queue_dir=tmp_path, retry_min=retry,
+                        retry_max=retry, queue_scan_interval=60.0, workers=1)
+    agent = DeliveryAgent(config, queue, spoof_source=False, tls_context=None)
+    attempts: list[float] = []
+    outcomes: list[AttemptOutcome] = []
+    threads: set[int] = set()
+
+    async def attempt(claimed: ClaimedMessage) -> dict[str, DeliveryResult]:  # no sockets
+        attempts.append(time.time())
+        return dict.fromkeys(claimed.pending, LATER if len(attempts) == 1 else OK)
+
+    record = queue.record_attempt
+
+    def record_attempt(queue_id: str, results: dict[str, DeliveryResult]) -> AttemptOutcome:
+        threads.add(threading.get_ident())  # a worker thread: on_schedule is called there
+        outcome = record(queue_id, results)
+        outcomes.append(outcome)
+        return outcome
+
+    monkeypatch.setattr(agent, "_attempt", attempt)
+    monkeypatch.setattr(queue, "record_attempt", record_attempt)
+
+    async def until(done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 5
+        while not done():
+            assert time.monotonic() < deadline, f"{what}: still waiting after 5 s"
+            await asyncio.sleep(0.01)
+
+    async def go() -> None:
+        scheduler = asyncio.create_task(agent.run(), name="test-delivery-scheduler")
+        try:
+            await queue.accept(envelope(), CONTENT)
+            await until(lambda: len(outcomes) == 1, "first attempt")
+            due = outcomes[0].next_attempt
+            assert due is not None and due == pytest.approx(attempts[0] + retry, abs=0.2)
+            # Asleep again, until the retry, not for queue_scan_interval.
+            await until(lambda: agent.next_wakeup == due, "wake-up at the retry time")
+            await until(lambda: len(outcomes) == 2, "the retry")
+            assert due <= attempts[1] < due + 1.0
+            assert outcomes[1].removed
+        finally:
+            await agent.stop()
+            await scheduler
+
+    asyncio.run(go())
+    assert threading.get_ident() not in threads
+    assert queue.list() == [] and queue.on_schedule is None
+    queue.close()
 
 
 # --- administration -------------------------------------------------------------------------

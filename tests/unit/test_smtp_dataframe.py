@@ -16,6 +16,7 @@ from proxies.smtp.dataframe import (
     count_received_headers,
     dot_stuff,
     find_bare_line_endings,
+    find_nul,
     longest_line,
     normalise_line_endings,
     split_header_body,
@@ -113,6 +114,38 @@ def test_normalised_content_has_no_bare_line_endings(content: bytes) -> None:
     assert find_bare_line_endings(normal) is None
     assert normal.replace(b"\r\n", b"") == content.replace(b"\r\n", b"").replace(
         b"\r", b"").replace(b"\n", b"")
+
+
+# --- NUL ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("content", "offset"), [
+    (b"", None),
+    (b"a\r\nb\r\n", None),
+    (b"\0", 0),
+    (b"a\0b\0", 1),
+    (b"a\r\n\0.\r\n", 3),
+    (b"\x80\xff\x01\r\n", None),   # 8bit and other control octets are not NUL
+])
+def test_find_nul(content: bytes, offset: int | None) -> None:
+    assert find_nul(content) == offset
+
+
+def nul_dropping_read(wire: bytes) -> tuple[bytes, bytes]:
+    """A strict reader behind a server that silently drops NULs on input."""
+    return strict_reference_read(wire.replace(b"\0", b""))
+
+
+def test_crlf_nul_dot_crlf_is_content_and_is_found() -> None:
+    inner = b"MAIL FROM:<evil@example>\r\nRCPT TO:<victim@example>\r\nDATA\r\nsmuggled\r\n"
+    wire = b"outer\r\n\0.\r\n" + inner + b".\r\nQUIT\r\n"
+    event = read(wire)
+    # Our reader: one message, the would-be commands are text, and the NUL is there to refuse.
+    assert event.content == b"outer\r\n\0.\r\n" + inner
+    assert event.leftover == b"QUIT\r\n"
+    assert find_nul(event.content) == 7
+    # What a NUL-dropping server would have made of it: a message that ends at the NUL, and
+    # the smuggled transaction as commands. Hence: refuse, do not pass on.
+    assert nul_dropping_read(wire) == (b"outer\r\n", inner + b".\r\nQUIT\r\n")
 
 
 # --- line length ----------------------------------------------------------------------------
@@ -338,6 +371,25 @@ def test_smuggling_probes_never_end_data_after_re_emission(before: bytes, probe:
     assert strict_reference_read(stuffed) == (content, b"")
     event = read(stuffed)
     assert event.content == content and event.leftover == b""
+
+
+@CI
+@given(st.lists(st.binary(max_size=20) | st.sampled_from(
+    [b"\0", b"\r\n", b".", b"\r\n\0.\r\n", b"\0.\r\n", b"\r\n.\0\r\n"]), max_size=30),
+    st.lists(st.integers(1, 30), max_size=8))
+def test_a_nul_before_the_end_is_always_found(parts: list[bytes], cuts: list[int]) -> None:
+    """A NUL never ends data and is never lost: the content holds one exactly when the wire did
+    before the end. Content without one reads the same to a NUL-dropping server, so refusing
+    what `find_nul` finds leaves such a server nothing to misread."""
+    wire = b"".join(parts) + b"\r\n.\r\n"
+    event = read(wire, chunks=cuts)
+    framed = b"\r\n" + wire
+    before_end = framed[:framed.find(b"\r\n.\r\n")]
+    assert (find_nul(event.content) is None) == (b"\0" not in before_end)
+    if find_nul(event.content) is None:
+        content = normalise_line_endings(event.content)
+        stuffed = dot_stuff(content)
+        assert nul_dropping_read(stuffed) == strict_reference_read(stuffed) == (content, b"")
 
 
 @CI
