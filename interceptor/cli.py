@@ -22,9 +22,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
             "true, and decide for each new SMTP/POP3 connection: intercept it (the proxy gets "
             "it), let it pass to the server directly (bypass lists, per-service switch, "
             "schedule, or its proxy not accepting with fail = \"open\"), or refuse it "
-            "(fail = \"closed\"). Established connections never come here. If this program "
-            "stops, the kernel lets new connections through uninspected. SIGHUP re-reads the "
-            "config; counters go to [interceptor] stats_file ('mailgate status' shows them)."),
+            "(fail = \"closed\"). A proxy counts as not accepting when it does not listen, "
+            "its accept queue is full or not drained, it is at its connection limit, or the "
+            "connections given to it never complete. Established connections never come "
+            "here. While this program is not running the kernel lets new connections "
+            "through uninspected (fail = \"open\") or holds them until it is back "
+            "(fail = \"closed\"). SIGHUP re-reads the config; counters and each proxy's "
+            "health go to [interceptor] stats_file ('mailgate status' shows them)."),
         epilog="Needs root (CAP_NET_ADMIN) in the gateway's network namespace.")
     intercept.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
                            help=f"the TOML config file (default: {DEFAULT_CONFIG_PATH})")
@@ -32,7 +36,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                            help="print every decision with the packet decoded (slow; debugging)")
     intercept.set_defaults(handler=_intercept)
     status = subparsers.add_parser(
-        "status", help="show what is running: interceptor counters, proxies, kernel queue",
+        "status", help="show what is running: interceptor counters and health, proxies, "
+                       "kernel queue",
         description="A quick look at the running gateway, from the config, the interceptor's "
                     "stats file, the kernel's NFQUEUE table and the listening sockets.")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
@@ -92,18 +97,36 @@ def gather_status(path: Path) -> dict[str, Any]:
         "interceptor": {
             "enabled": config.enabled,
             "running": running,
+            "fail": config.fail,
             "queue": config.queue,
             "queue_bound": bound is not None,
             "stats_file": str(config.stats_file),
             "stats_age": round(time.time() - stats["updated"], 1) if stats else None,
             "counters": stats.get("counters") if stats else None,
             "by_reason": stats.get("by_reason") if stats else None,
+            # Per service and family, as the interceptor last judged it (see health.py).
+            "health": stats.get("proxies") if stats else None,
         },
         "kernel_queue": None if bound is None else {
             "waiting": bound.waiting, "queue_dropped": bound.queue_dropped,
             "user_dropped": bound.user_dropped},
         "proxies": proxies,
     }
+
+
+def health_lines(health: list[dict[str, Any]], now: float) -> list[str]:
+    """'health smtp ipv4 (port 10025): ...' per proxy entry of the stats file."""
+    lines = []
+    for entry in health:
+        since = entry.get("since")
+        age = f" for {max(0, round(now - since))} s" if isinstance(since, int | float) else ""
+        head = f"health {entry.get('service')} ipv{entry.get('family')} (port {entry.get('port')})"
+        if entry.get("accepting"):
+            lines.append(f"{head}: healthy{age}")
+        else:
+            lines.append(f"{head}: UNHEALTHY{age}: {entry.get('reason', entry.get('state'))}"
+                         + (f"; {entry['action']}" if entry.get("action") else ""))
+    return lines
 
 
 def _alive(pid: int) -> bool:
@@ -132,12 +155,17 @@ def _status(args: argparse.Namespace) -> int:
     elif inter["queue_bound"]:
         state = f"running, bound to NFQUEUE {inter['queue']}"
     else:
-        state = (f"NOT RUNNING: nothing bound to NFQUEUE {inter['queue']}, new connections "
-                 "pass uninspected")
+        from interceptor.companion import unbound_effect
+
+        state = (f"NOT RUNNING: nothing bound to NFQUEUE {inter['queue']}, "
+                 + unbound_effect(inter["fail"] == "open").replace(" until it returns", ""))
     print(f"interceptor: {state}")
     if inter["counters"]:
         counters = "  ".join(f"{k}={v}" for k, v in inter["counters"].items())
         print(f"  counters ({inter['stats_age']} s old): {counters}")
+    if inter["queue_bound"]:
+        for line in health_lines(inter["health"] or [], time.time()):
+            print(f"  {line}")
     queue = status["kernel_queue"]
     if queue:
         print(f"  kernel queue: {queue['waiting']} waiting, {queue['queue_dropped']} dropped "

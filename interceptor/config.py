@@ -6,19 +6,26 @@
     mark = 0x2                   # fwmark bit meaning "decided: intercept" (not [network] mark)
     queue_max_len = 8192         # packets the kernel holds for us before it drops SYNs
     services = ["smtp", "pop3"]  # per-port enable; default: every [network] intercept service
-    fail = "open"                # proxy not accepting: "open" = pass direct, "closed" = refuse
+    fail = "open"                # proxy not accepting: "open" = pass direct, "closed" = refuse;
+                                 # also no interceptor bound: "open" = pass, "closed" = hold
     refuse = "reset"             # how fail = "closed" refuses: "reset" (RST) or "drop"
     bypass_sources = []          # CIDRs never intercepted (as client)
     bypass_destinations = []     # CIDRs never intercepted (as server)
     bypass_pairs = []            # [["192.0.2.0/24", "198.51.100.25/32"], ...] source -> dest
     schedule = []                # ["mon-fri 08:00-18:00", "22:00-06:00"]; empty: always
     health_interval = 0.2        # seconds between proxy health probes
+    blackhole_threshold = 3      # intercepted connections that hang (half-open >= 3 s, or
+                                 # dropped by the listener) while none completes: unhealthy;
+                                 # 0: not checked (interceptor/health.py)
+    accept_stall = "3s"          # a connection waiting this long to be accepted: the proxy
+                                 # hangs, unhealthy; 0: not checked
     max_connections = {}         # service -> limit; default smtp = [smtp] max_connections
     stats_file = "/run/mailgate/interceptor.json"
     stats_interval = 1.0
 
 Parsed once into frozen data; every problem is reported with file and key (netsetup/configfile).
-netsetup reads the same section through `load_network_config` for `enabled`, `queue` and `mark`.
+netsetup reads the same section through `load_network_config` for `enabled`, `queue`, `mark`
+and `fail` (whether its NFQUEUE rules pass SYNs while no interceptor is bound).
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class InterceptorConfig:
     bypass_pairs: tuple[tuple[Network, Network], ...] = ()
     schedule: tuple[Window, ...] = ()
     health_interval: float = 0.2
+    blackhole_threshold: int = 3
+    accept_stall: float = 3.0
     max_connections: tuple[tuple[str, int], ...] = ()
     stats_file: Path = DEFAULT_STATS_FILE
     stats_interval: float = 1.0
@@ -159,6 +168,9 @@ def interceptor_from_section(section: Section) -> InterceptorConfig:
         schedule=section.list_of("schedule", parse_window),
         health_interval=_positive_seconds(section, "health_interval",
                                           defaults.health_interval, 0.01),
+        blackhole_threshold=section.integer("blackhole_threshold", defaults.blackhole_threshold,
+                                            0, 1 << 20),
+        accept_stall=section.duration("accept_stall", defaults.accept_stall),  # 0: off
         max_connections=tuple(limits),
         stats_file=Path(section.string("stats_file", str(DEFAULT_STATS_FILE))),
         stats_interval=_positive_seconds(section, "stats_interval", defaults.stats_interval, 0.1),

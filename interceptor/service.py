@@ -7,18 +7,24 @@ Threads:
   runs through PREROUTING again and TPROXY takes it), *accept* (it leaves the mangle table and is
   forwarded untouched) or *drop* (after a reset, with `fail = "closed"`). Nothing in it blocks,
   allocates much or looks at a clock.
-- monitor: every `health_interval` probes the proxies and the schedule and swaps the flags the
-  policy reads; every `stats_interval` writes the counters to `stats_file` (atomic rename);
-  applies a config reload asked for with SIGHUP.
+- monitor: every `health_interval` probes the proxies (interceptor/health.py: listening, room
+  in the accept queue, accepting, under the limit, connections completing) and the schedule and
+  swaps the flags the policy reads; logs each change of a proxy's health once
+  (`interceptor_health_changed`); every `stats_interval` writes the counters and each proxy's
+  health to `stats_file` (atomic rename), which `mailgate status` reads and a metrics exporter
+  can read too; applies a config reload asked for with SIGHUP.
 
-Only SYNs are queued (netsetup's rule), so established connections never pass through here, and
-if this process dies the kernel's `--queue-bypass` lets new connections through uninspected.
+Only SYNs are queued (netsetup's rule), so established connections never pass through here.
+If this process dies, or before it is first started, what happens to new connections is the
+kernel's (netsetup's rule): with fail = "open" `--queue-bypass` lets them through uninspected;
+with fail = "closed" their SYNs are dropped and the clients retry until an interceptor is bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from interceptor.config import InterceptorConfig
-from interceptor.health import Monitor, ProxyState, probe_proxies, schedule_active
+from interceptor.health import HealthProbe, Monitor, ProxyState, schedule_active
 from interceptor.packet import Syn, parse_syn
 from interceptor.policy import PASS_REASONS, RULE_REASONS, Policy, Verdict, policy_for
 from interceptor.refuse import Resetter
@@ -40,7 +46,7 @@ from proxies import logs
 # Enough of each packet for the IPv6 header and several extension headers before TCP.
 COPY_RANGE = 256
 SOCKET_BYTES_PER_PACKET = 2048
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: each proxy also has condition, reason, since and the blackhole counts
 
 
 class QueuedPacket(Protocol):
@@ -74,8 +80,10 @@ Tracer = Callable[[bytes, "Syn | None", Verdict, str], None]
 
 class Interceptor:
     def __init__(self, settings: Settings, *, resetter: Resetter | None = None,
-                 tracer: Tracer | None = None) -> None:
+                 tracer: Tracer | None = None, health: HealthProbe | None = None) -> None:
         self.settings = settings
+        self.health = health if health is not None else HealthProbe()
+        self._configure_health(settings)
         self.policy: Policy = policy_for(settings.network, settings.interceptor,
                                          settings.proxy_limits)
         self.mark = settings.interceptor.mark
@@ -83,6 +91,8 @@ class Interceptor:
         self.tracer = tracer
         self.counts: dict[str, int] = dict.fromkeys(("intercepted", "refused", *PASS_REASONS), 0)
         self.proxies: list[ProxyState] = []
+        # (service, family) -> wall time its condition last changed (or was first seen).
+        self.since: dict[tuple[str, int], float] = {}
         self.started = time.time()
         self.errors = 0
 
@@ -114,32 +124,51 @@ class Interceptor:
 
     # --- off the hot path -------------------------------------------------------------------
 
+    def _configure_health(self, settings: Settings) -> None:
+        self.health.blackhole_threshold = settings.interceptor.blackhole_threshold
+        self.health.accept_stall = settings.interceptor.accept_stall
+
+    def action(self, state: ProxyState) -> str:
+        """What new connections for this proxy get now."""
+        if state.accepting:
+            return "intercepting"
+        return "passing new connections" if self.policy.fail_open else "refusing new connections"
+
     def refresh(self, now: time.struct_time | None = None) -> None:
         """Probe the proxies and the schedule; swap in the flags the hot path reads."""
-        previous = {(p.service, p.family): p.accepting for p in self.proxies}
+        previous = {(p.service, p.family): p for p in self.proxies}
         services = list(self.policy.services.values())
-        self.proxies = probe_proxies(services, self.settings.network.families)
+        self.proxies = self.health.probe(services, self.settings.network.families)
         self.policy.healthy = {(p.family, p.listen_port): p.accepting for p in self.proxies}
         active = schedule_active(self.settings.interceptor.schedule, now or time.localtime())
         if active != self.policy.schedule_active:
             logs.event("interceptor_schedule", active=active)
         self.policy.schedule_active = active
+        wall = time.time()
         for state in self.proxies:
-            before = previous.get((state.service, state.family))
-            if before is not None and before != state.accepting:
-                action = ("intercepting again" if state.accepting else
-                          "passing new connections" if self.policy.fail_open else
-                          "refusing new connections")
-                (logs.event if state.accepting else logs.warning)(
-                    "interceptor_proxy_" + ("up" if state.accepting else "down"),
-                    service=state.service, family=state.family, port=state.listen_port,
-                    state=state.reason(), action=action)
+            key = (state.service, state.family)
+            before = previous.get(key)
+            if before is not None and before.condition == state.condition:
+                continue
+            self.since[key] = wall
+            if before is None:  # the first probe: interceptor_ready reports it
+                continue
+            # Once per change of condition (not per tick, and not when only a count moves).
+            fields: dict[str, Any] = {
+                "service": state.service, "family": state.family, "port": state.listen_port,
+                "healthy": state.accepting, "condition": state.condition,
+                "was": before.condition, "reason": state.reason(), "action": self.action(state)}
+            if state.example and not state.accepting:
+                fields["example"] = state.example
+            logs.event("interceptor_health_changed",
+                       logging.INFO if state.accepting else logging.WARNING, **fields)
 
     def reload(self, settings: Settings) -> None:
         """New decisions from a re-read config; the health flags carry over."""
         policy = policy_for(settings.network, settings.interceptor, settings.proxy_limits)
         policy.healthy = self.policy.healthy
         policy.schedule_active = self.policy.schedule_active
+        self._configure_health(settings)
         self.settings = settings
         self.policy = policy  # one assignment: the hot path sees the old or the new policy
         logs.event("interceptor_reloaded", services=sorted(policy.services))
@@ -163,9 +192,18 @@ class Interceptor:
             },
             "by_reason": counts,
             "errors": self.errors,
+            # What `mailgate status` shows and a metrics exporter would export, per proxy and
+            # family: `condition` is one of health.CONDITIONS, `reason` its text, `since` when
+            # it last changed (epoch seconds), `action` what new connections get.
             "proxies": [{"service": p.service, "family": p.family, "port": p.listen_port,
-                         "accepting": p.accepting, "state": p.reason(),
-                         "connections": p.connections, "limit": p.limit}
+                         "accepting": p.accepting, "condition": p.condition,
+                         "state": p.reason(),  # the version 1 name of `reason`
+                         "reason": p.reason(), "action": self.action(p),
+                         "since": self.since.get((p.service, p.family)),
+                         "connections": p.connections, "limit": p.limit,
+                         "stalled": p.stalled, "stalled_for": p.stalled_for,
+                         "half_open_stuck": p.half_open_stuck, "listen_drops": p.listen_drops,
+                         "completed_recently": p.completed}
                         for p in self.proxies],
             **({"kernel_queue": dict(queue_state)} if queue_state else {}),
         }

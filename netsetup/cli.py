@@ -31,7 +31,8 @@ connections passing through it, as a router or as a transparent bridge, from the
 section of the mailgate config. netsetup compares what the config asks for with what is in
 place and changes only the difference: sysctls, the bridge and its ports, addresses, policy
 rules and routes (netlink), its own mangle chains MAILGATE and MAILGATE_DIVERT (legacy
-iptables, IPv4 and IPv6) and, in bridge mode, the nftables table 'bridge mailgate'.
+iptables, IPv4 and IPv6) and, in bridge mode, the nftables tables 'bridge mailgate' and
+'netdev mailgate'.
 
 What netsetup adds or changes is remembered in a state file, so that 'teardown' removes exactly
 that and puts changed values back, and nothing else."""
@@ -47,8 +48,8 @@ a minimal [network] for a bridge:
   [network]
   mode = "bridge"
   ports = ["eth0", "eth1"]
-  bridged_networks = ["192.0.2.0/24", "2001:db8:1::/64"]
   bypass_sources = ["192.0.2.53/32"]
+  (no address and no subnet needed: see egress_mark in the README)
 
 exit status: 0 done (status: matches the config), 1 failed or (status) differs / not applied,
 2 the config or the command line is wrong (nothing was touched)."""

@@ -47,10 +47,16 @@ class Interception:
 @dataclass(frozen=True)
 class QueueSteering:
     """`[interceptor] enabled`: SYNs to intercepted ports go to an NFQUEUE program first; it
-    sets `mark` on those it wants intercepted (only they reach TPROXY) and passes the rest."""
+    sets `mark` on those it wants intercepted (only they reach TPROXY) and passes the rest.
+
+    `fail_open` is `[interceptor] fail = "open"`: while no program is bound to the queue (at
+    boot before `mailgate run` starts it, or after it died) the kernel passes those SYNs
+    uninspected (`--queue-bypass`); with fail = "closed" it drops them, so the connections
+    are held (clients retransmit their SYN) until the interceptor is there to decide."""
 
     queue: int = 0
     mark: int = 0x2
+    fail_open: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,20 @@ class NetworkConfig:
     spoof_source: bool = True
     bypass_sources: tuple[Network, ...] = ()
     bypass_destinations: tuple[Network, ...] = ()
-    # Bridge mode: subnets on the bridged segment the gateway routes to `dev <bridge>` so the proxy
-    # can answer clients and reach servers when the bridge has no address in them.
+    # Bridge mode, optional: subnets on the bridged segment the box's *own* traffic (a
+    # management address's neighbours, a configured next hop) reaches `dev <bridge>`. The
+    # proxies' packets towards intercepted peers never need them (see `egress_mark`).
     bridged_networks: tuple[Network, ...] = ()
     # fwmark bit TPROXY sets and the policy rule looks for; the table that routes it to `lo`.
     mark: int = 0x1
     route_table: int = 100
+    # Bridge mode: the mark the proxies put on their transparent sockets (SO_MARK) and the table
+    # it selects, which sends those packets out of the bridge towards the link-layer address the
+    # intercepted peer itself used (netsetup/nft.py: learnt from its frames). So the bridge
+    # needs no address and no subnet: it answers every client and reaches every server, on-link
+    # or behind a router, on any network it is plugged into.
+    egress_mark: int = 0x4
+    egress_table: int = 101
     # Set from [interceptor] (see `with_interceptor`); None: every SYN to a port is intercepted.
     queue_steering: QueueSteering | None = None
 
@@ -118,6 +132,8 @@ def network_from_section(section: Section) -> NetworkConfig:
         bridged_networks=section.networks("bridged_networks"),
         mark=section.integer("mark", 0x1, 1, 0x7FFFFFFF),
         route_table=section.integer("route_table", 100, 1, 0xFFFFFFF0),
+        egress_mark=section.integer("egress_mark", 0x4, 1, 0x7FFFFFFF),
+        egress_table=section.integer("egress_table", 101, 1, 0xFFFFFFF0),
     )
     _check_combinations(section, config)
     return config
@@ -133,18 +149,20 @@ def _check_combinations(section: Section, config: NetworkConfig) -> None:
             section.problem("ports", "names an interface twice")
         if config.bridge in config.ports:
             section.problem("ports", f"holds the bridge itself ({config.bridge!r})")
-        if not config.addresses and not config.bridged_networks:
-            section.problem("bridged_networks",
-                            "bridge mode needs 'addresses' or 'bridged_networks': without a route "
-                            "to the bridged subnets the proxy cannot answer the clients it takes")
         if not config.spoof_source and not config.addresses:
             section.problem("spoof_source",
                             "false needs 'addresses': without spoofing the proxy connects onward "
                             "from an address of its own on the bridge")
     else:
-        for key in ("ports", "bridge", "addresses", "bridged_networks"):
+        for key in ("ports", "bridge", "addresses", "bridged_networks", "egress_mark",
+                    "egress_table"):
             if key in given:
                 section.problem(key, 'only used in bridge mode (mode = "bridge")')
+    if config.egress_mark & config.mark:
+        section.problem("egress_mark", f"shares bits with mark ({config.mark:#x}): the proxies' "
+                                       "own packets would be delivered locally")
+    if config.egress_table == config.route_table:
+        section.problem("egress_table", "is route_table: the two need tables of their own")
     services = [item.service for item in config.intercept]
     if len(set(services)) != len(services):
         section.problem("intercept", "names a service twice")
@@ -171,8 +189,8 @@ def with_interceptor(config: NetworkConfig,
     interceptor = interceptor_from_section(section)
     check_against_network(section, interceptor, config.mark)
     if interceptor.enabled:
-        config = replace(config, queue_steering=QueueSteering(interceptor.queue,
-                                                              interceptor.mark))
+        config = replace(config, queue_steering=QueueSteering(
+            interceptor.queue, interceptor.mark, fail_open=interceptor.fail == "open"))
     return config, interceptor
 
 

@@ -31,6 +31,17 @@ MAIN_TABLE = 254  # the kernel's `main` routing table
 # Policy rules sit below `from all lookup local` (0) and before `lookup main` (32766); pinned
 # so the rule is the same whichever tool or library version adds it.
 RULE_PRIORITY = 32000
+# The egress rule comes after the TPROXY rule: a packet carrying both bits is one coming in.
+EGRESS_RULE_PRIORITY = RULE_PRIORITY + 1
+FORWARD_RULE_PRIORITY = RULE_PRIORITY + 2
+
+# Bridge mode, for the proxies' own packets (egress_mark): the egress table routes them via a
+# gateway that exists only as a permanent neighbour entry, so the kernel never asks ARP/ND
+# (which needs an address of our own on the bridge, and never answers for a peer behind a
+# router). Their frames leave with this locally administered destination address, and the
+# bridge's egress hook (netsetup/nft.py) puts in the address the peer's own frames came from.
+EGRESS_LLADDR = "02:6d:67:00:00:01"
+EGRESS_GATEWAYS = {4: "169.254.77.1", 6: "fe80::6d67:1"}
 
 XtParams = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -43,6 +54,10 @@ class BridgeSpec:
     # inline wire; STP would block the path for ~30 s after every change.
     forward_delay: int = 0
     stp_state: int = 0
+    # An invisible bridge has no IPv6 link-local address either: nothing to answer for, no
+    # MLD or router solicitations giving the box away. Kept when an IPv6 address is configured
+    # (that host is an ordinary IPv6 node, RFC 4291 2.1).
+    link_local: bool = True
 
 
 @dataclass(frozen=True, order=True)
@@ -66,16 +81,23 @@ class RouteSpec:
     table: int = MAIN_TABLE
     kind: str = "unicast"  # or "local"
     scope: str = "link"  # "host" for local routes
+    # A gateway whose link-layer address is fixed (a permanent neighbour entry that comes and
+    # goes with the route): the egress routes of bridge mode.
+    gateway: str | None = None
+    lladdr: str | None = None
 
-    def key(self) -> tuple[int, str, str, int, str]:
+    def key(self) -> tuple[int, str, str, int, str, str | None, str | None]:
         # The kernel reports IPv6 routes with scope universe whatever was asked: not compared.
-        return (self.family, self.destination, self.device, self.table, self.kind)
+        return (self.family, self.destination, self.device, self.table, self.kind, self.gateway,
+                self.lladdr)
 
     def describe(self) -> str:
         dest = "default" if self.destination in ("0.0.0.0/0", "::/0") else self.destination
         kind = "local " if self.kind == "local" else ""
+        via = f" via {self.gateway} ({self.lladdr})" if self.gateway else ""
         table = "" if self.table == MAIN_TABLE else f" table {self.table}"
-        return f"ipv{self.family} {kind}{dest} dev {self.device}{table} scope {self.scope}"
+        scope = "" if self.gateway else f" scope {self.scope}"
+        return f"ipv{self.family} {kind}{dest}{via} dev {self.device}{table}{scope}"
 
 
 @dataclass(frozen=True, order=True)
@@ -85,14 +107,17 @@ class PolicyRuleSpec:
     fwmask: int
     table: int
     priority: int = RULE_PRIORITY
+    # Selects by input interface instead (fwmark and fwmask 0).
+    iif: str | None = None
 
-    def key(self) -> tuple[int, int, int, int]:
+    def key(self) -> tuple[int, int, int, int, str | None]:
         # A rule that does the same job at another priority is in place already.
-        return (self.family, self.fwmark, self.fwmask, self.table)
+        return (self.family, self.fwmark, self.fwmask, self.table, self.iif)
 
     def describe(self) -> str:
-        return (f"ipv{self.family} priority {self.priority} fwmark {self.fwmark:#x}/"
-                f"{self.fwmask:#x} lookup {self.table}")
+        selector = (f"iif {self.iif}" if self.iif else
+                    f"fwmark {self.fwmark:#x}/{self.fwmask:#x}")
+        return f"ipv{self.family} priority {self.priority} {selector} lookup {self.table}"
 
 
 @dataclass(frozen=True)
@@ -174,6 +199,8 @@ class NftSteering:
     families: tuple[int, ...]
     bypass_sources: tuple[Network, ...] = ()
     bypass_destinations: tuple[Network, ...] = ()
+    # The proxies' frames leave with this destination address; the egress hook replaces it.
+    egress_lladdr: str = EGRESS_LLADDR
 
 
 @dataclass(frozen=True)
@@ -191,13 +218,14 @@ def desired_state(config: NetworkConfig) -> Desired:
     bridge_mode = config.mode == "bridge"
     return Desired(
         sysctls=desired_sysctls(config),
-        bridge=BridgeSpec(config.bridge, config.ports) if bridge_mode else None,
+        bridge=BridgeSpec(config.bridge, config.ports,
+                          link_local=any(":" in a for a in config.addresses))
+        if bridge_mode else None,
         # Normalised as the kernel reports them ('2001:DB8::2/64' reads back as '2001:db8::2/64').
         addresses=tuple(AddressSpec(config.bridge, str(ipaddress.ip_interface(a)))
                         for a in config.addresses) if bridge_mode else (),
         routes=desired_routes(config),
-        rules=tuple(PolicyRuleSpec(f, config.mark, config.mark, config.route_table)
-                    for f in config.families),
+        rules=desired_rules(config),
         xtables={f: mangle_table(config, f) for f in config.families},
         steering=NftSteering(
             bridge=config.bridge,
@@ -231,13 +259,36 @@ def desired_sysctls(config: NetworkConfig) -> dict[str, str]:
     return values
 
 
+def desired_rules(config: NetworkConfig) -> tuple[PolicyRuleSpec, ...]:
+    rules = [PolicyRuleSpec(f, config.mark, config.mark, config.route_table)
+             for f in config.families]
+    if config.mode == "bridge":
+        rules += [PolicyRuleSpec(f, config.egress_mark, config.egress_mark, config.egress_table,
+                                 EGRESS_RULE_PRIORITY) for f in config.families]
+        if config.queue_steering is not None:
+            # A connection the interceptor passes was already lifted to layer 3 by the steering
+            # and is routed on (desired_sysctls): through the egress table too, so it reaches
+            # its peer's link-layer address with no address or subnet of ours either. The box's
+            # own addresses are matched earlier, by the local table.
+            rules += [PolicyRuleSpec(f, 0, 0, config.egress_table, FORWARD_RULE_PRIORITY,
+                                     iif=config.bridge) for f in config.families]
+    return tuple(rules)
+
+
 def desired_routes(config: NetworkConfig) -> tuple[RouteSpec, ...]:
     routes = [
-        RouteSpec(family, "0.0.0.0/0" if family == 4 else "::/0", "lo", config.route_table,
-                  kind="local", scope="host")
+        RouteSpec(family, _default(family), "lo", config.route_table, kind="local",
+                  scope="host")
         for family in config.families
     ]
     if config.mode == "bridge":
+        # Why not a plain on-link route: ARP and ND for a peer need a source address of ours on
+        # the bridge, and a peer behind a router never answers them at all (its frames carry the
+        # router's address). With a fixed neighbour the kernel sends at once and the egress hook
+        # supplies the link-layer address the peer's own traffic used.
+        routes += [RouteSpec(family, _default(family), config.bridge, config.egress_table,
+                             gateway=EGRESS_GATEWAYS[family], lladdr=EGRESS_LLADDR)
+                   for family in config.families]
         # An address brings its own prefix route; adding the same network again would either
         # clash (IPv4) or sit beside it at another metric (IPv6).
         covered = {ipaddress.ip_interface(a).network for a in config.addresses}
@@ -245,6 +296,10 @@ def desired_routes(config: NetworkConfig) -> tuple[RouteSpec, ...]:
             if network not in covered:
                 routes.append(RouteSpec(network.version, str(network), config.bridge))
     return tuple(routes)
+
+
+def _default(family: int) -> str:
+    return "0.0.0.0/0" if family == 4 else "::/0"
 
 
 def _mark(config: NetworkConfig) -> str:
@@ -303,19 +358,28 @@ def interceptor_rules(config: NetworkConfig, family: int) -> list[XtRule]:
     bit goes to the NFQUEUE; the interceptor either sets the bit and answers *repeat*, so the
     packet runs through PREROUTING again and reaches the TPROXY rules (which then require the
     bit), or answers *accept*, which leaves this table at once: the connection is forwarded
-    untouched. `--queue-bypass` turns the rule into an accept when no program is bound, so with
-    the interceptor gone mail flows uninspected rather than not at all. Only SYNs are queued:
-    established connections never wait for a user-space program.
+    untouched. Only SYNs are queued: established connections never wait for a user-space
+    program.
+
+    While no program is bound to the queue (at boot until `mailgate run` has started the
+    interceptor, or after it died), what happens follows `[interceptor] fail`: with "open",
+    `--queue-bypass` turns the rule into an accept, so mail flows uninspected rather than not
+    at all; with "closed" there is no bypass and the kernel drops the SYN, so the connection is
+    held: the client retransmits it (after 1 s, 3 s, 7 s...) and the first SYN that finds the
+    interceptor bound is decided as usual. Nothing passes uninspected.
     """
     steering = config.queue_steering
     if steering is None:
         return []
     del family  # the same rules for both families
+    target: XtParams = (("queue-num", (str(steering.queue),)),)
+    if steering.fail_open:
+        target += (("queue-bypass", ()),)
     return [
         XtRule(MAIN_CHAIN, "NFQUEUE", protocol="tcp",
                matches=(("tcp", (("dport", (str(item.port),)),
                                  ("tcp-flags", ("FIN,SYN,RST,ACK", "SYN")))),
                         ("mark", (("mark", ("!", _bit(steering.mark))),))),
-               target_params=(("queue-num", (str(steering.queue),)), ("queue-bypass", ())))
+               target_params=target)
         for item in config.intercept
     ]

@@ -8,11 +8,13 @@ NetlinkError's errno (EEXIST on add, ENOENT/ESRCH/... on delete).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -26,6 +28,8 @@ _RT_TYPES = {1: "unicast", 2: "local"}
 _SCOPES = {0: "universe", 253: "link", 254: "host"}
 RTPROT_KERNEL = 2
 IFF_UP = 0x1
+NUD_PERMANENT = 0x80
+RTNH_F_ONLINK = 0x4
 
 
 class LinkError(Exception):
@@ -104,6 +108,7 @@ def read_routes(tables: Iterable[int]) -> set[RouteSpec]:
     out: set[RouteSpec] = set()
     with _ipr() as ipr:
         names = _names(ipr)
+        fixed = _permanent_neighbours(ipr)
         for af, family in _FAMILY.items():
             for route in ipr.route("dump", family=af):
                 table = route.get_attr("RTA_TABLE") or route["table"]
@@ -115,26 +120,46 @@ def read_routes(tables: Iterable[int]) -> set[RouteSpec]:
                 if route["proto"] == RTPROT_KERNEL:
                     continue
                 dst = route.get_attr("RTA_DST") or ("0.0.0.0" if family == 4 else "::")
-                out.add(RouteSpec(family, f"{dst}/{route['dst_len']}", names.get(int(oif), "?"),
+                gateway = route.get_attr("RTA_GATEWAY")
+                device = names.get(int(oif), "?")
+                out.add(RouteSpec(family, f"{dst}/{route['dst_len']}", device,
                                   int(table), _RT_TYPES[route["type"]],
-                                  _SCOPES.get(route["scope"], str(route["scope"]))))
+                                  _SCOPES.get(route["scope"], str(route["scope"])),
+                                  gateway=gateway,
+                                  lladdr=fixed.get((int(oif), gateway)) if gateway else None))
+    return out
+
+
+def _permanent_neighbours(ipr: IPRoute) -> dict[tuple[int, str], str]:
+    """(interface index, address) -> link-layer address of every permanent neighbour entry."""
+    out: dict[tuple[int, str], str] = {}
+    for af in _FAMILY:
+        for entry in ipr.get_neighbours(family=af):
+            lladdr = entry.get_attr("NDA_LLADDR")
+            if entry["state"] & NUD_PERMANENT and lladdr:
+                out[(int(entry["ifindex"]), str(entry.get_attr("NDA_DST")))] = str(lladdr)
     return out
 
 
 def read_rules() -> set[PolicyRuleSpec]:
-    """Policy rules that select by fwmark (the only kind netsetup adds)."""
+    """Policy rules that select by fwmark or by input interface (the kinds netsetup adds)."""
     out: set[PolicyRuleSpec] = set()
     with _ipr() as ipr:
         for af, family in _FAMILY.items():
             for rule in ipr.get_rules(family=af):
                 mark = rule.get_attr("FRA_FWMARK")
-                if mark is None:
+                iif = rule.get_attr("FRA_IIFNAME")
+                if mark is None and iif is None:
                     continue
                 mask = rule.get_attr("FRA_FWMASK")
+                table = int(rule.get_attr("FRA_TABLE") or rule["table"])
+                priority = int(rule.get_attr("FRA_PRIORITY") or 0)
+                if mark is None:
+                    out.add(PolicyRuleSpec(family, 0, 0, table, priority, iif=str(iif)))
+                    continue
                 out.add(PolicyRuleSpec(family, int(mark),
                                        0xFFFFFFFF if mask is None else int(mask),
-                                       int(rule.get_attr("FRA_TABLE") or rule["table"]),
-                                       int(rule.get_attr("FRA_PRIORITY") or 0)))
+                                       table, priority, iif=str(iif) if iif else None))
     return out
 
 
@@ -145,6 +170,11 @@ def create_bridge(spec: BridgeSpec) -> None:
     with _ipr() as ipr:
         ipr.link("add", ifname=spec.name, kind="bridge", br_forward_delay=spec.forward_delay,
                  br_stp_state=spec.stp_state)
+    if not spec.link_local:
+        # Before the link comes up, so the kernel never generates the address (mode 1: none).
+        path = Path("/proc/sys/net/ipv6/conf", spec.name, "addr_gen_mode")
+        with contextlib.suppress(FileNotFoundError):  # IPv6 disabled in this namespace
+            path.write_text("1\n")
 
 
 def delete_link(name: str) -> None:
@@ -200,12 +230,32 @@ def delete_address(spec: AddressSpec) -> None:
 
 
 def _route_args(ipr: IPRoute, spec: RouteSpec) -> dict[str, object]:
-    return {"family": _AF[spec.family], "dst": spec.destination, "oif": _index(ipr, spec.device),
-            "table": spec.table, "type": spec.kind, "scope": spec.scope}
+    args: dict[str, object] = {"family": _AF[spec.family], "dst": spec.destination,
+                               "oif": _index(ipr, spec.device), "table": spec.table,
+                               "type": spec.kind, "scope": spec.scope}
+    if spec.gateway:
+        args["gateway"] = spec.gateway
+        if spec.family == 4:
+            # No subnet of ours contains the gateway: the kernel must take it as on the link.
+            args["flags"] = RTNH_F_ONLINK
+        del args["scope"]
+    return args
+
+
+def _set_neighbour(ipr: IPRoute, spec: RouteSpec, add: bool) -> None:
+    if not (spec.gateway and spec.lladdr):
+        return
+    try:
+        ipr.neigh("replace" if add else "del", dst=spec.gateway, lladdr=spec.lladdr,
+                  ifindex=_index(ipr, spec.device), state=NUD_PERMANENT, family=_AF[spec.family])
+    except NetlinkError as exc:
+        if add or exc.code not in _GONE:
+            raise
 
 
 def add_route(spec: RouteSpec) -> bool:
     with _ipr() as ipr:
+        _set_neighbour(ipr, spec, add=True)
         try:
             # A `local` route must say scope host explicitly: pyroute2 otherwise sends scope
             # universe and the kernel answers EINVAL (measured).
@@ -226,9 +276,13 @@ def delete_route(spec: RouteSpec) -> None:
         except NetlinkError as exc:
             if exc.code not in _GONE:
                 raise
+        _set_neighbour(ipr, spec, add=False)
 
 
 def _rule_args(spec: PolicyRuleSpec) -> dict[str, object]:
+    if spec.iif:
+        return {"family": _AF[spec.family], "iifname": spec.iif, "table": spec.table,
+                "priority": spec.priority}
     return {"family": _AF[spec.family], "fwmark": spec.fwmark, "fwmask": spec.fwmask,
             "table": spec.table, "priority": spec.priority}
 

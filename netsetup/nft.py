@@ -12,7 +12,21 @@ onward connections (tcp *source* port 25 towards the client) are steered by port
 hosts are excluded by address (for those replies a bypassed source is the destination and a
 bypassed destination the source).
 
-The table carries a comment with a digest of the text netsetup rendered, so `status` can tell
+A second table, in the netdev family, is the bridge's memory of where its peers are. The
+proxies' own packets (replies to the clients they take, onward connections spoofed as the
+client) are routed to a fixed fake neighbour (netsetup/desired.py, EGRESS_LLADDR), because the
+bridge has no address to resolve anything with. At the ports' ingress, every frame of an
+intercepted port records its IP source -> Ethernet source (and, for the client's frames, IP
+destination -> Ethernet destination: the server or the router in front of it); at the bridge's
+egress, a frame addressed to the fake neighbour gets the recorded address instead, before the
+bridge looks up its port. So a peer behind a router is reached through that router, exactly as
+its own frames came, on whatever subnets share the link. A frame for an address never seen is
+dropped: it would otherwise be flooded with a destination nobody owns. Learning must be at
+netdev ingress (the bridge prerouting rule below rewrites the destination first) and the
+rewrite at the bridge device's egress (the bridge family's output hook runs after the port was
+chosen).
+
+Both tables carry a comment with a digest of the text netsetup rendered, so `status` can tell
 "this is exactly what we would write" without parsing nft's listing.
 """
 
@@ -27,6 +41,12 @@ from netsetup.desired import NftSteering
 
 FAMILY = "bridge"
 TABLE = "mailgate"
+EGRESS_FAMILY = "netdev"
+TABLES = ((FAMILY, TABLE), (EGRESS_FAMILY, TABLE))
+# How long a learnt address is kept after its last frame, and how many: a queued message may be
+# retried days after the client's connection (the queue's lifetime is 5 days by default).
+LEARN_TIMEOUT = "7d"
+LEARN_SIZE = 65536
 _DIGEST = re.compile(r'comment "netsetup digest ([0-9a-f]+)"')
 
 
@@ -81,8 +101,46 @@ def _render_body(spec: NftSteering, mac: str) -> str:
         *[f"\t\t{rule}" for rule in rules],
         "\t}",
         "}",
+        *_render_egress(spec),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _render_egress(spec: NftSteering) -> list[str]:
+    ports = _set([f'"{p}"' for p in spec.ports])
+    tcp_ports = _set([str(p) for p in spec.tcp_ports])
+    maps, learn, resolve = [], [], []
+    for family in spec.families:
+        name, addr, kind = ("ip", "ip", "ipv4_addr") if family == 4 else ("ip6", "ip6",
+                                                                           "ipv6_addr")
+        peers = f"peers{family}"
+        maps.append(f"\tmap {peers} {{ type {kind} : ether_addr; flags dynamic, timeout; "
+                    f"timeout {LEARN_TIMEOUT}; size {LEARN_SIZE}; }}")
+        if spec.tcp_ports:
+            learn.append(f"\t\tether type {name} tcp dport {tcp_ports} "
+                         f"update @{peers} {{ {addr} saddr : ether saddr }} "
+                         f"update @{peers} {{ {addr} daddr : ether daddr }}")
+            learn.append(f"\t\tether type {name} tcp sport {tcp_ports} "
+                         f"update @{peers} {{ {addr} saddr : ether saddr }}")
+        resolve.append(f"\t\tether daddr {spec.egress_lladdr} ether type {name} "
+                       f"ether daddr set {addr} daddr map @{peers} accept")
+    resolve.append(f"\t\tether daddr {spec.egress_lladdr} counter drop "
+                   'comment "a peer never seen"')
+    return [
+        f"table {EGRESS_FAMILY} {TABLE} {{",
+        '\tcomment "netsetup digest @DIGEST@"',
+        *maps,
+        "\tchain learn {",
+        f"\t\ttype filter hook ingress devices = {{ {ports.strip('{} ')} }} priority 0; "
+        "policy accept;",
+        *learn,
+        "\t}",
+        "\tchain resolve {",
+        f'\t\ttype filter hook egress device "{spec.bridge}" priority 0; policy accept;',
+        *resolve,
+        "\t}",
+        "}",
+    ]
 
 
 # --- glue: the nft program -----------------------------------------------------------------
@@ -101,24 +159,31 @@ def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
 
 
 def read_table() -> str | None:
-    """The table as `nft list` prints it, or None when it does not exist (or nft does not:
+    """Our tables as `nft list` prints them, or None when neither exists (or nft does not:
     router mode needs no nft, and without nft there can be no table of ours)."""
-    try:
-        result = _nft(["list", "table", FAMILY, TABLE])
-    except NftError:
-        return None
-    if result.returncode != 0:
-        if "No such file or directory" in result.stderr:
+    listings = []
+    for family, table in TABLES:
+        try:
+            # -t: the learnt addresses are state, not configuration.
+            result = _nft(["-t", "list", "table", family, table])
+        except NftError:
             return None
-        raise NftError(f"nft list table {FAMILY} {TABLE}: {result.stderr.strip()}")
-    return result.stdout
+        if result.returncode != 0:
+            if "No such file or directory" in result.stderr:
+                continue
+            raise NftError(f"nft list table {family} {table}: {result.stderr.strip()}")
+        listings.append(result.stdout)
+    return "".join(listings) if listings else None
 
 
 def digest_in(listing: str | None) -> str | None:
+    """The digest both tables carry; "" when they differ or one lacks it (so: replace)."""
     if listing is None:
         return None
-    match = _DIGEST.search(listing)
-    return match.group(1) if match else ""
+    found = _DIGEST.findall(listing)
+    if len(found) != len(TABLES) or len(set(found)) != 1:
+        return ""
+    return str(found[0])
 
 
 def write_table(text: str | None) -> None:
@@ -128,7 +193,8 @@ def write_table(text: str | None) -> None:
     created whole. Flushing instead would keep chains and sets an older config had. nft applies
     a file atomically, so the kernel never holds half of it.
     """
-    script = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + (text or "")
+    script = "".join(f"add table {family} {table}\ndelete table {family} {table}\n"
+                     for family, table in TABLES) + (text or "")
     result = _nft(["-f", "-"], stdin=script)
     if result.returncode != 0:
         raise NftError(f"nft -f: {result.stderr.strip()}")

@@ -146,11 +146,25 @@ def diff(desired: Desired, observed: Observed, state: State) -> Plan:
     _sysctls(plan, desired, observed)
     _links(plan, desired, observed)
     _members(plan, "address", desired.addresses, observed.addresses, _identity)
-    _members(plan, "route", desired.routes, observed.routes, RouteSpec.key)
+    _members(plan, "route", desired.routes, _surviving_routes(plan, desired, observed),
+             RouteSpec.key)
     _members(plan, "rule", desired.rules, observed.rules, PolicyRuleSpec.key)
     _xtables(plan, desired, observed)
     _steering(plan, desired, observed)
     return plan
+
+
+def _surviving_routes(plan: Plan, desired: Desired, observed: Observed) -> frozenset[RouteSpec]:
+    """The observed routes still there once the stale addresses are gone: when a device loses
+    its last IPv4 address the kernel flushes every IPv4 route through it (fib_disable_ip), our
+    egress route included, so those must be added again in the same apply."""
+    deleted = {c.payload.spec for c in plan.changes
+               if isinstance(c.payload, Membership) and not c.payload.add
+               and isinstance(c.payload.spec, AddressSpec)}
+    remaining = (set(observed.addresses) - deleted) | set(desired.addresses)
+    emptied = {a.device for a in deleted if a.family == 4} - {
+        a.device for a in remaining if a.family == 4}
+    return frozenset(r for r in observed.routes if not (r.family == 4 and r.device in emptied))
 
 
 def _describe(spec: AddressSpec | RouteSpec | PolicyRuleSpec) -> str:

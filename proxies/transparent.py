@@ -39,6 +39,22 @@ IP6T_SO_ORIGINAL_DST = 80
 # alone (about 28,000 at a time) instead of unique per 4-tuple.
 IP_BIND_ADDRESS_NO_PORT = 24
 
+# The mark every transparent socket carries (SO_MARK), netsetup's [network] egress_mark. In
+# bridge mode netsetup routes packets with it to the peer's own link-layer address (the bridge
+# has no address to resolve one with: netsetup/nft.py); elsewhere no rule looks at it. Replies
+# of an accepted connection carry the listener's mark (the kernel copies it to the request and
+# child sockets), so marking listeners and spoofed onward sockets marks everything the
+# proxies send towards intercepted peers, and nothing else the box sends.
+DEFAULT_EGRESS_MARK = 0x4
+_egress_mark = DEFAULT_EGRESS_MARK
+
+
+def set_egress_mark(mark: int) -> None:
+    """Once at start-up, from the config: the mark for this process's transparent sockets."""
+    global _egress_mark
+    _egress_mark = mark
+
+
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, address, zero
 _SOCKADDR_IN6 = struct.Struct("!2xHI16sI")  # family, port, flowinfo, address, scope id
 
@@ -121,13 +137,15 @@ def _set_transparent(sock: socket.socket, family: Family, purpose: str) -> None:
     )
     try:
         sock.setsockopt(level, option, 1)
+        if _egress_mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _egress_mark)
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
             # The kernel checks CAP_NET_ADMIN or CAP_NET_RAW in the socket's network namespace.
             raise TransparentError(
                 exc.errno,
-                f"{name} ({purpose}) needs CAP_NET_ADMIN: run as root or grant the capability "
-                "(e.g. AmbientCapabilities=CAP_NET_ADMIN in the systemd unit)",
+                f"{name} and SO_MARK ({purpose}) need CAP_NET_ADMIN: run as root or grant the "
+                "capability (e.g. AmbientCapabilities=CAP_NET_ADMIN in the systemd unit)",
             ) from exc
         raise TransparentError(exc.errno, f"cannot set {name} ({purpose}): {exc.strerror}") from exc
 

@@ -3,8 +3,13 @@
 Router mode: the sender (192.0.2.0/24, 2001:db8:1::/64) and each server (198.51.100.0/24,
 2001:db8:2::/64; a second one 203.0.113.0/24, 2001:db8:3::/64) sit on their own links and the
 gateway routes between them. Bridge mode: sender and servers share 192.0.2.0/24 and
-2001:db8:1::/64 and the gateway bridges its ports (`eth0` towards the sender, `eth1`... towards
-the servers) without an address of its own.
+2001:db8:1::/64 (or the `bridge_subnet` asked for) and the gateway bridges its ports (`eth0`
+towards the sender, `eth1`... towards the servers) without an address of its own. Variants of
+bridge mode for the networks an appliance meets: `second_subnet` gives sender and server an
+address in another subnet too (two subnets on one link); `routed_server` puts a router host on
+the bridged link (.1 / ::1, the sender's default gateway) with the server behind it on a link
+of its own (203.0.113.0/24, 2001:db8:6::/64), so the gateway sees the server only through the
+router's link-layer address.
 
 Only documentation ranges are used and no namespace has a link to the host's own interfaces,
 so nothing a test sends can leave the lab. Every namespace gets its own resolv.conf pointing at
@@ -38,11 +43,14 @@ class LabError(Exception):
 
 @dataclass(frozen=True)
 class Host:
-    role: str  # "sender", "gateway", "server", "server2"
+    role: str  # "sender", "gateway", "server", "server2", "router"
     netns: str
     ipv4: str | None  # the host's address on the lab link, without prefix
     ipv6: str | None
     interfaces: tuple[str, ...] = ()
+    # Bridge mode with `second_subnet`: the host's address in the other subnet of the link.
+    extra_ipv4: str | None = None
+    extra_ipv6: str | None = None
 
 
 @dataclass
@@ -62,6 +70,8 @@ ROUTER_SUBNETS = [
 SENDER_HOST = 10
 SERVER_HOSTS = (25, 26)
 GATEWAY_HOST = 1
+# `routed_server`: the server's own link behind the router.
+ROUTED_SUBNET = ("203.0.113", "2001:db8:6:")
 
 
 def _run(argv: Sequence[str], check: bool = True,
@@ -80,11 +90,21 @@ class Lab:
     """
 
     def __init__(self, mode: str = "router", name: str | None = None, servers: int = 1,
-                 make_bridge: bool = True) -> None:
+                 make_bridge: bool = True, bridge_subnet: tuple[str, str] = ROUTER_SUBNETS[0],
+                 second_subnet: tuple[str, str] | None = None,
+                 routed_server: bool = False) -> None:
         if mode not in ("router", "bridge"):
             raise LabError(f"unknown lab mode {mode!r} (router or bridge)")
         if not 1 <= servers <= 2:
             raise LabError("a lab has one or two server hosts")
+        if mode == "router" and (second_subnet or routed_server
+                                 or bridge_subnet != ROUTER_SUBNETS[0]):
+            raise LabError("bridge_subnet, second_subnet and routed_server are for bridge mode")
+        if routed_server and (servers != 1 or second_subnet):
+            raise LabError("routed_server: one server, one subnet on the bridged link")
+        self.bridge_subnet = bridge_subnet
+        self.second_subnet = second_subnet
+        self.routed_server = routed_server
         self.mode = mode
         self.name = name or secrets.token_hex(3)
         if not self.name.isalnum() or len(self.name) > 8:
@@ -113,12 +133,28 @@ class Lab:
                 hosts[role] = Host(role, self._ns(role), f"{v4}.{host}", f"{v6}:{host}", ("eth0",))
             hosts["gateway"] = Host("gateway", self._ns("gateway"), None, None, gw_ifaces)
         else:
-            v4, v6 = ROUTER_SUBNETS[0]
+            v4, v6 = self.bridge_subnet
+
+            def extra(host: int) -> dict[str, str]:
+                if self.second_subnet is None:
+                    return {}
+                x4, x6 = self.second_subnet
+                return {"extra_ipv4": f"{x4}.{host}", "extra_ipv6": f"{x6}:{host}"}
+
             hosts["sender"] = Host("sender", self._ns("sender"), f"{v4}.{SENDER_HOST}",
-                                   f"{v6}:{SENDER_HOST}", ("eth0",))
+                                   f"{v6}:{SENDER_HOST}", ("eth0",), **extra(SENDER_HOST))
             for index, role in enumerate(server_roles):
                 host = SERVER_HOSTS[index]
-                hosts[role] = Host(role, self._ns(role), f"{v4}.{host}", f"{v6}:{host}", ("eth0",))
+                if self.routed_server:
+                    r4, r6 = ROUTED_SUBNET
+                    hosts[role] = Host(role, self._ns(role), f"{r4}.{host}", f"{r6}:{host}",
+                                       ("eth0",))
+                else:
+                    hosts[role] = Host(role, self._ns(role), f"{v4}.{host}", f"{v6}:{host}",
+                                       ("eth0",), **extra(host))
+            if self.routed_server:
+                hosts["router"] = Host("router", self._ns("router"), f"{v4}.{GATEWAY_HOST}",
+                                       f"{v6}:{GATEWAY_HOST}", ("eth0", "eth1"))
             hosts["gateway"] = Host("gateway", self._ns("gateway"), None, None, gw_ifaces)
         return hosts
 
@@ -186,7 +222,9 @@ class Lab:
             self.sysctl(host, "net.ipv6.conf.default.accept_ra", "0")
         gw = self.gateway
         peers = [self.sender] + [self.hosts[r] for r in ("server", "server2") if r in self.hosts]
-        for index, peer in enumerate(peers):
+        # With a routed server the gateway's server-side port leads to the router instead.
+        linked = [self.sender, self.hosts["router"]] if self.routed_server else peers
+        for index, peer in enumerate(linked):
             # Created straight inside the namespaces: the host's own namespace never sees them.
             _run(["ip", "link", "add", f"eth{index}", "netns", gw.netns, "type", "veth",
                   "peer", "name", "eth0", "netns", peer.netns])
@@ -194,6 +232,12 @@ class Lab:
             self.ip(gw, "link", "set", f"eth{index}", "up")
             self.ip(peer, "addr", "add", f"{peer.ipv4}/24", "dev", "eth0")
             self.ip(peer, "-6", "addr", "add", f"{peer.ipv6}/64", "dev", "eth0", "nodad")
+            if peer.extra_ipv4 and peer.extra_ipv6:
+                self.ip(peer, "addr", "add", f"{peer.extra_ipv4}/24", "dev", "eth0")
+                self.ip(peer, "-6", "addr", "add", f"{peer.extra_ipv6}/64", "dev", "eth0",
+                        "nodad")
+        if self.routed_server:
+            self._route_server()
         if self.mode == "router":
             self.sysctl(gw, "net.ipv4.ip_forward", "1")
             self.sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
@@ -216,6 +260,26 @@ class Lab:
                 self.ip(gw, "link", "set", f"eth{index}", "master", "br0")
             self.ip(gw, "link", "set", "br0", "up")
         self.wait_reachable()
+
+    def _route_server(self) -> None:
+        """The router between the bridged link and the server's own link; only lab routes."""
+        router, server = self.hosts["router"], self.server
+        _run(["ip", "link", "add", "eth1", "netns", router.netns, "type", "veth",
+              "peer", "name", "eth0", "netns", server.netns])
+        r4, r6 = ROUTED_SUBNET
+        self.ip(router, "link", "set", "eth1", "up")
+        self.ip(server, "link", "set", "eth0", "up")
+        self.ip(router, "addr", "add", f"{r4}.{GATEWAY_HOST}/24", "dev", "eth1")
+        self.ip(router, "-6", "addr", "add", f"{r6}:{GATEWAY_HOST}/64", "dev", "eth1", "nodad")
+        self.ip(server, "addr", "add", f"{server.ipv4}/24", "dev", "eth0")
+        self.ip(server, "-6", "addr", "add", f"{server.ipv6}/64", "dev", "eth0", "nodad")
+        self.sysctl(router, "net.ipv4.ip_forward", "1")
+        self.sysctl(router, "net.ipv6.conf.all.forwarding", "1")
+        v4, v6 = self.bridge_subnet
+        self.ip(self.sender, "route", "add", f"{r4}.0/24", "via", f"{v4}.{GATEWAY_HOST}")
+        self.ip(self.sender, "-6", "route", "add", f"{r6}:/64", "via", f"{v6}:{GATEWAY_HOST}")
+        self.ip(server, "route", "add", f"{v4}.0/24", "via", f"{r4}.{GATEWAY_HOST}")
+        self.ip(server, "-6", "route", "add", f"{v6}:/64", "via", f"{r6}:{GATEWAY_HOST}")
 
     def _hosts_file(self) -> str:
         lines = ["127.0.0.1 localhost", "::1 localhost"]

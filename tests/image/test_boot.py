@@ -1,7 +1,9 @@
 """The appliance image, booted: mail crosses it as it would cross the real box.
 
-A bridge-mode lab: the sender (192.0.2.10) and the server (192.0.2.25, a real Postfix) share one
-subnet, and the booted image sits between them as an invisible bridge. The lab's gateway
+A bridge-mode lab: the sender (203.0.113.10) and the server (203.0.113.25, a real Postfix) share
+one subnet, and the booted image sits between them as an invisible bridge. The image's default
+config names no subnet, and the lab's is not the one our other tests use: an appliance taken
+out of its box and plugged into someone's network. The lab's gateway
 namespace runs no mailgate: it only holds two wires, each a Linux bridge joining the veth from a
 lab host with a tap device that qemu (started inside that namespace) opens. So the guest's eth0
 faces the sender, its eth1 the server, and the guest has no other network at all.
@@ -118,15 +120,19 @@ class Console:
 # --- the disk and the wires ---------------------------------------------------------------------
 
 
+# Not the 192.0.2.0/24 of the other lab tests.
+LAB_SUBNET = ("203.0.113", "2001:db8:5:")
+
+
 def lab_config() -> str:
-    """The image's default config with the lab's name for the gateway. Its placeholders are
-    the lab's values already: bridged networks 192.0.2.0/24 and 2001:db8:1::/64, relay domain
-    example.com (the server's)."""
+    """The image's default config with the lab's name for the gateway. Its relay domain is
+    the lab's already (example.com, the server's); it names no subnet at all."""
     default = DEFAULT_CONFIG.read_text()
     placeholder = '# hostname = "mailgate.example.net"'
-    for expected in (placeholder, 'relay_domains = ["example.com"]',
-                     'bridged_networks = ["192.0.2.0/24", "2001:db8:1::/64"]'):
+    for expected in (placeholder, 'relay_domains = ["example.com"]'):
         assert expected in default, f"the default config changed ({expected}): see lab_config()"
+    settings = [line for line in default.splitlines() if not line.lstrip().startswith("#")]
+    assert not any(line.startswith(("addresses", "bridged_networks")) for line in settings)
     return default.replace(placeholder, f'hostname = "{GATEWAY_NAME}"')
 
 
@@ -185,7 +191,7 @@ class Appliance:
 
 @pytest.fixture
 def appliance(tmp_path: Path) -> Iterator[Appliance]:
-    lab = Lab("bridge", make_bridge=False)
+    lab = Lab("bridge", make_bridge=False, bridge_subnet=LAB_SUBNET)
     console_log = tmp_path / "console.log"
     try:
         lab.up()
@@ -261,7 +267,8 @@ def test_mail_crosses_the_booted_appliance(appliance: Appliance, tmp_path: Path)
     # Invisible at layer 3: the server sees the sender's own address (spoof_source = true).
     assert delivery.client_address == lab.sender.ipv4, delivery.raw[:2000]
     # The appliance's own Received: header, then the message as the sender wrote it.
-    assert re.search(rb"^Received: from sender\.lab\.example \(\[192\.0\.2\.10\]\)\s+by "
+    sender = re.escape(lab.sender.ipv4.encode())
+    assert re.search(rb"^Received: from sender\.lab\.example \(\[" + sender + rb"\]\)\s+by "
                      + re.escape(GATEWAY_NAME.encode()), delivery.content, re.M), delivery.raw
     assert delivery.content.endswith(clean), delivery.raw
     # The config came from the MGCONFIG partition, and the console says so.

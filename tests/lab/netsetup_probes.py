@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Linux values; Python has no constant for either (and no socket.SOL_IPV6).
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
+DEFAULT_EGRESS_MARK = 0x4  # [network] egress_mark
 
 
 def _transparent(sock: socket.socket) -> None:
@@ -34,6 +35,9 @@ def _transparent(sock: socket.socket) -> None:
     level, option = ((socket.SOL_IP, IP_TRANSPARENT) if sock.family == socket.AF_INET
                      else (socket.IPPROTO_IPV6, IPV6_TRANSPARENT))
     sock.setsockopt(level, option, 1)
+    # As the proxies do (proxies/transparent.py): in bridge mode this mark routes what the
+    # socket sends to the peer's own link-layer address.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, DEFAULT_EGRESS_MARK)
 
 
 def _read_line(sock: socket.socket) -> str:

@@ -66,9 +66,8 @@ def network_section(lab: Lab) -> dict[str, TomlValue]:
         "spoof_source": True,
     }
     if lab.mode == "bridge":
-        # netsetup builds the bridge; with spoofing it needs no address of its own.
-        section.update(bridge="br0", ports=list(lab.bridge_ports),
-                       bridged_networks=["192.0.2.0/24", "2001:db8:1::/64"])
+        # netsetup builds the bridge; with spoofing it needs no address and no subnet.
+        section.update(bridge="br0", ports=list(lab.bridge_ports))
     return section
 
 

@@ -81,10 +81,8 @@ def network_config(lab: Lab, spoof: bool) -> str:
     ]
     if lab.mode == "bridge":
         lines += ['bridge = "br0"', f"ports = {json.dumps(list(lab.bridge_ports))}"]
-        if spoof:
-            # The bridge needs no address of its own: routes to the bridged subnets suffice.
-            lines.append('bridged_networks = ["192.0.2.0/24", "2001:db8:1::/64"]')
-        else:
+        # With spoofing the bridge needs neither an address nor a subnet (an invisible bridge).
+        if not spoof:
             # Without spoofing the relay connects from an address of the gateway's.
             lines.append(f"addresses = {json.dumps(list(lab.bridge_management_addresses()))}")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ interceptor's bypass list (not netsetup's: that one is decided in the kernel).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -31,15 +32,15 @@ BYPASSED = {4: "192.0.2.11", 6: "2001:db8:1::11"}
 LabFactory = Callable[..., Lab]
 
 
-def config_text(lab: Lab, stats: Path, fail: str = "open") -> str:
+def config_text(lab: Lab, stats: Path, fail: str = "open", extra: tuple[str, ...] = ()) -> str:
     lines = [
         "[network]",
         f'mode = "{lab.mode}"',
         "listen = { smtp = 10025, pop3 = 10110 }",
     ]
     if lab.mode == "bridge":
-        lines += [f"ports = {json.dumps(list(lab.bridge_ports))}",
-                  'bridged_networks = ["192.0.2.0/24", "2001:db8:1::/64"]']
+        # An invisible bridge: a bypassed connection is routed on through the egress table.
+        lines += [f"ports = {json.dumps(list(lab.bridge_ports))}"]
     lines += [
         "[interceptor]",
         "enabled = true",
@@ -48,6 +49,7 @@ def config_text(lab: Lab, stats: Path, fail: str = "open") -> str:
         "health_interval = 0.1",
         "stats_interval = 0.1",
         f'stats_file = "{stats}"',
+        *extra,
     ]
     return "\n".join(lines) + "\n"
 
@@ -74,11 +76,14 @@ class Gateway:
         self.relay.process.kill()
         self.relay.process.wait(timeout=10)
 
-    def start_interceptor(self) -> None:
+    def start_interceptor(self, log: Path | None = None) -> None:
+        """`log`: its log lines (stderr) go to that file."""
         started = time.time()
-        self.interceptor = self.lab.spawn(
-            self.lab.gateway, [PYTHON, "-m", "proxies.cli", "intercept", "--config",
-                               str(self.config)], cwd=ROOT)
+        with contextlib.ExitStack() as files:
+            stderr = files.enter_context(log.open("ab")) if log is not None else None
+            self.interceptor = self.lab.spawn(
+                self.lab.gateway, [PYTHON, "-m", "proxies.cli", "intercept", "--config",
+                                   str(self.config)], cwd=ROOT, stderr=stderr)
         self.wait_stats(lambda s: s["pid"] == self.interceptor_pid() and s["updated"] > started,
                         "interceptor running")
 
@@ -132,12 +137,13 @@ class Gateway:
                 raise AssertionError(f"{what}: still not so after {timeout}s: {answer}")
 
 
-def make_gateway(lab: Lab, tmp_path: Path, fail: str = "open") -> Gateway:
+def make_gateway(lab: Lab, tmp_path: Path, fail: str = "open",
+                 extra: tuple[str, ...] = ()) -> Gateway:
     for family, prefix in ((4, 24), (6, 64)):
         lab.ip(lab.sender, f"-{family}", "addr", "add", f"{BYPASSED[family]}/{prefix}",
                "dev", "eth0", *(["nodad"] if family == 6 else []))
     config, stats = tmp_path / "mailgate.toml", tmp_path / "interceptor.json"
-    config.write_text(config_text(lab, stats, fail))
+    config.write_text(config_text(lab, stats, fail, extra))
     argv = [PYTHON, "-m", "netsetup.cli", "--config", str(config), "--state-file",
             str(tmp_path / "netsetup-state.json"), "apply"]
     result = lab.run(lab.gateway, argv, check=False, cwd=ROOT, timeout=60)
@@ -275,3 +281,197 @@ def test_crafted_syns_are_decided(lab_factory: LabFactory, tmp_path: Path) -> No
     assert after["by_reason"]["intercepted"] - before["intercepted"] == 3
     assert after["by_reason"]["source"] - before["source"] == 2
     assert after["by_reason"]["unparsable"] == before["unparsable"]
+
+
+# --- health that sees a blackhole, a proxy that hangs, and boot with fail = "closed" ----------
+
+PARALLEL = """
+import json, sys, threading
+from tests.lab.tcp_probes import _connect
+timeout = float(sys.argv[1])
+targets = [target.split("/") for target in sys.argv[2:]]  # address:port/source
+results = [None] * len(targets)
+def one(index):
+    results[index] = _connect(targets[index][0], targets[index][1], timeout)
+threads = [threading.Thread(target=one, args=(i,)) for i in range(len(targets))]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+for result in results:
+    print(json.dumps(result), flush=True)
+"""
+
+
+def start_parallel(gw: Gateway, count: int, timeout: float) -> JsonLines:
+    """`count` connections per family from the sender to the server's port 25, all at once,
+    in the background; their results come as JSON lines when all have ended."""
+    # From the sender's own address: the bypassed one (also on its interface) might be chosen.
+    sender, server = gw.lab.sender, gw.lab.server
+    targets = [f"[{host}]:25/{source}"
+               for host, source in ((server.ipv4, sender.ipv4), (server.ipv6, sender.ipv6))
+               for _ in range(count)]
+    return JsonLines(gw.lab.spawn(gw.lab.sender, [PYTHON, "-c", PARALLEL, str(timeout),
+                                                  *targets], stdout=subprocess.PIPE, cwd=ROOT))
+
+
+def results_of(lines: JsonLines, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The `count` results `start_parallel` prints once all its connections have ended."""
+    lines.wait_for(lambda e: "ok" in e, timeout=timeout, what="connection results")
+    results = [e for e in lines.settle(0.5) if "ok" in e]
+    assert len(results) == count, lines.events
+    return results
+
+
+def conditions(stats: dict[str, Any]) -> dict[tuple[str, int], str]:
+    return {(p["service"], p["family"]): p["condition"] for p in stats["proxies"]}
+
+
+def log_events(log: Path, name: str) -> list[str]:
+    return [line for line in log.read_text().splitlines() if f"event={name} " in line]
+
+
+def status_text(gw: Gateway) -> str:
+    return gw.lab.run(gw.lab.gateway, [PYTHON, "-m", "proxies.cli", "status", "--config",
+                                       str(gw.config)], cwd=ROOT).stdout
+
+
+# Two ways the proxy's answers never reach the client, applied and removed in the lab:
+# "lost": the gateway's own SYN-ACKs (TTL/hop limit 64; the server's, forwarded by the gateway,
+#   arrive with 63) are dropped at the sender: half-open connections pile up on the gateway.
+# "unroutable": the gateway has no route for its own packets from port 25 (a policy rule for
+#   locally made packets, `iif lo`): no SYN-ACK is made at all and the listener counts drops.
+#   This is the class of failure the old bridge-mode default config caused.
+BREAKS = {
+    "lost": ("sender", [
+        ["nft", "add", "table", "inet", "mgtest"],
+        ["nft", "add", "chain", "inet", "mgtest", "in",
+         "{ type filter hook input priority 0; }"],
+        ["nft", "add", "rule", "inet", "mgtest", "in", "ip", "ttl", "64", "tcp", "sport", "25",
+         "tcp", "flags", "&", "(syn|ack)", "==", "syn|ack", "drop"],
+        ["nft", "add", "rule", "inet", "mgtest", "in", "ip6", "hoplimit", "64", "tcp", "sport",
+         "25", "tcp", "flags", "&", "(syn|ack)", "==", "syn|ack", "drop"],
+    ], [["nft", "delete", "table", "inet", "mgtest"]]),
+    "unroutable": ("gateway", [
+        ["ip", f"-{family}", "rule", "add", "priority", "100", "iif", "lo", "ipproto", "tcp",
+         "sport", "25", "prohibit"] for family in (4, 6)
+    ], [["ip", f"-{family}", "rule", "del", "priority", "100"] for family in (4, 6)]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BREAKS))
+def test_connections_that_never_complete_fail_open_and_recover(
+        lab_factory: LabFactory, tmp_path: Path, kind: str) -> None:
+    lab = lab_factory("router")
+    # Half-open connections then expire after ~7 s instead of ~63 s (1 + 2 + 4 s of SYN-ACK
+    # retries), so that recovery is quick to see.
+    lab.sysctl(lab.gateway, "net.ipv4.tcp_synack_retries", "2")
+    gw = make_gateway(lab, tmp_path)
+    log = tmp_path / "interceptor.log"
+    gw.start_relay()
+    gw.start_interceptor(log)
+    for family in (4, 6):
+        assert gw.intercepted(gw.connect(family)), family
+    where, apply, remove = BREAKS[kind]
+    host = lab.sender if where == "sender" else lab.gateway
+    for argv in apply:
+        lab.run(host, argv)
+    broken_at = time.monotonic()
+    # Clients that arrive now hang ...
+    hanging = start_parallel(gw, 4, timeout=20)
+    stats = gw.wait_stats(
+        lambda s: {conditions(s)[("smtp", f)] for f in (4, 6)} == {"not_completing"},
+        "smtp not_completing in both families", timeout=12)
+    took = time.monotonic() - broken_at
+    assert took < 8, took  # STUCK_AFTER (3 s) / the drops plus a WINDOW, and some slack
+    smtp4 = next(p for p in stats["proxies"] if (p["service"], p["family"]) == ("smtp", 4))
+    assert smtp4["accepting"] is False and smtp4["action"] == "passing new connections"
+    # The listener counts each SYN that led nowhere: unroutable ones, and (lost) the clients'
+    # retransmitted SYNs that find their half-open connection still waiting.
+    assert smtp4["half_open_stuck"] + smtp4["listen_drops"] >= 3, smtp4
+    if kind == "unroutable":
+        assert smtp4["half_open_stuck"] == 0, smtp4  # no request socket is ever made
+    # ... POP3 is not hit (its SYN-ACKs are not dropped by the break), so it keeps intercepting.
+    assert conditions(stats)[("pop3", 4)] == "accepting"
+    # New connections now go straight to the real server: its greeting, the sender's address.
+    for family in (4, 6):
+        answer = gw.connect(family)
+        assert answer["ok"] and not gw.intercepted(answer), answer
+        assert answer["greeting"].startswith("PEER "), answer
+    # And those that were hanging get through too: their retransmitted SYNs are passed.
+    results = results_of(hanging, 8)
+    assert all(r["ok"] and r["greeting"].startswith("PEER ") for r in results), results
+    # Said once, with the reason, and shown by `mailgate status`.
+    down = [line for line in log_events(log, "interceptor_health_changed")
+            if "condition=not_completing" in line]
+    assert len(down) == 2, log.read_text()  # IPv4 and IPv6, once each
+    assert all("level=warning" in line and 'reason="intercepted connections do not complete'
+               in line and 'action="passing new connections"' in line for line in down), down
+    shown = status_text(gw)
+    assert "health smtp ipv4 (port 10025): UNHEALTHY" in shown, shown
+    assert "intercepted connections do not complete" in shown, shown
+    # The path is mended: once the stuck ones are gone (and the hold), interception resumes.
+    for argv in remove:
+        lab.run(host, argv)
+    gw.wait_stats(lambda s: set(conditions(s).values()) == {"accepting"}, "all accepting",
+                  timeout=25)
+    for family in (4, 6):
+        gw.until(family, want_intercepted=True, what="intercepted after the mend")
+    up = [line for line in log_events(log, "interceptor_health_changed")
+          if "condition=accepting" in line]
+    assert len(up) == 2 and all("level=info" in line for line in up), log.read_text()
+
+
+def test_a_proxy_that_listens_but_hangs(lab_factory: LabFactory, tmp_path: Path) -> None:
+    gw = make_gateway(lab_factory("router"), tmp_path, extra=('accept_stall = "1s"',))
+    log = tmp_path / "interceptor.log"
+    relay = gw.start_relay()
+    gw.start_interceptor(log)
+    assert gw.intercepted(gw.connect(4))
+    relay.process.send_signal(signal.SIGSTOP)  # still listening; the kernel still completes
+    try:
+        answer = gw.connect(4, timeout=2)  # TCP connects, the proxy never says a word
+        assert not answer["ok"] and "timed out" in answer["error"], answer
+        stats = gw.wait_stats(lambda s: conditions(s)[("smtp", 4)] == "not_accepting",
+                              "smtp not_accepting", timeout=5)
+        smtp4 = next(p for p in stats["proxies"] if (p["service"], p["family"]) == ("smtp", 4))
+        assert smtp4["reason"].startswith("listening but not accepting: 1 connection(s)"), smtp4
+        answer = gw.connect(4)
+        assert answer["ok"] and answer["greeting"].startswith("PEER "), answer
+        assert answer["peer"][0] == gw.lab.sender.ipv4  # the real server, directly
+        line, = [line for line in log_events(log, "interceptor_health_changed")
+                 if "condition=not_accepting" in line]
+        assert "level=warning" in line and "example=" in line, line
+    finally:
+        relay.process.send_signal(signal.SIGCONT)
+    gw.wait_stats(lambda s: conditions(s)[("smtp", 4)] == "accepting", "smtp accepting again")
+    gw.until(4, want_intercepted=True, what="intercepted after SIGCONT")
+
+
+def test_fail_closed_holds_new_connections_until_the_interceptor_runs(
+        lab_factory: LabFactory, tmp_path: Path) -> None:
+    """Boot order with fail = "closed": netsetup is applied, nothing is bound to the queue yet."""
+    gw = make_gateway(lab_factory("router"), tmp_path, fail="closed")
+    rules = gw.lab.run(gw.lab.gateway, ["iptables-legacy-save", "-t", "mangle"]).stdout
+    queued = [line for line in rules.splitlines() if "-j NFQUEUE" in line]
+    assert queued and not [line for line in queued if "--queue-bypass" in line], rules
+    # What netsetup reads back is what it asked for: nothing to change.
+    status = gw.lab.run(gw.lab.gateway, [PYTHON, "-m", "netsetup.cli", "--config",
+                                         str(gw.config), "--state-file",
+                                         str(tmp_path / "netsetup-state.json"), "status"],
+                        check=False, cwd=ROOT)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for family in (4, 6):
+        answer = gw.connect(family, timeout=3)
+        assert not answer["ok"] and "timed out" in answer["error"], answer
+    assert not [e for e in gw.server.settle(0.1) if e["event"] == "connection"]
+    assert "held" in status_text(gw)
+    # A client that keeps trying (as an MTA does) is held, then intercepted once it is up.
+    waiting = start_parallel(gw, 1, timeout=20)
+    time.sleep(1.5)
+    gw.start_relay()
+    gw.start_interceptor()
+    results = results_of(waiting, 2)
+    assert all(r["ok"] and gw.intercepted(r) for r in results), results
+    for family in (4, 6):
+        assert gw.intercepted(gw.connect(family)), family

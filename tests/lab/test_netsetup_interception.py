@@ -26,11 +26,10 @@ CONFIGS = {
 mode = "router"
 bypass_sources = ["192.0.2.99/32", "2001:db8:1::99/128"]
 """,
-    # No address on the bridge: the proxy reaches the bridged subnet by a route alone.
+    # No address and no subnet on the bridge: an invisible bridge.
     "bridge": """[network]
 mode = "bridge"
 ports = ["eth0", "eth1"]
-bridged_networks = ["192.0.2.0/24", "2001:db8:1::/64"]
 bypass_sources = ["192.0.2.99/32", "2001:db8:1::99/128"]
 """,
 }

@@ -100,18 +100,34 @@ def test_services_narrow_and_limits_default_to_the_proxies() -> None:
     assert policy.services[25].max_connections == 5 and 110 in policy.services
 
 
-def test_proxy_health_from_sockets() -> None:
-    def listeners(family: int, port: int) -> list[SocketInfo]:
+class Sockets:
+    """A stand-in kernel (interceptor/health.py `Kernel`): listeners and held connections."""
+
+    def __init__(self, held: int) -> None:
+        self.held = held
+
+    def listeners(self, family: int, port: int) -> list[SocketInfo]:
         return {10025: [SocketInfo(10, 10025, 0, 128)],
                 10110: [SocketInfo(10, 10110, 128, 128)]}.get(port, [])
 
+    def connections(self, family: int, port: int) -> list[SocketInfo]:
+        return [SocketInfo(1, port, 0, 0, inode=1, remote_port=p) for p in range(self.held)]
+
+    def half_open(self, family: int, port: int) -> list[SocketInfo]:
+        return []
+
+    def passive_opens(self) -> int | None:
+        return 0
+
+
+def test_proxy_health_from_sockets() -> None:
     states = probe_proxies([Service("smtp", 25, 10025, 3), POP3, Service("x", 1, 1, 0)], (4,),
-                           listeners, lambda family, port: 3)
+                           Sockets(3))
     assert [(s.service, s.accepting, s.reason()) for s in states] == [
         ("smtp", False, "at its connection limit (3/3)"),
         ("pop3", False, "accept queue full"),
         ("x", False, "not listening")]
-    states = probe_proxies([SMTP], (4, 6), listeners, lambda family, port: 0)
+    states = probe_proxies([SMTP], (4, 6), Sockets(0))
     assert all(s.accepting for s in states)
 
 
@@ -158,9 +174,10 @@ stats_file = "/tmp/x.json"
     assert inter.bypass_pairs == ((net("192.0.2.0/24"), net("198.51.100.25/32")),)
     assert inter.schedule == (Window(frozenset(range(5)), 480, 1080),)
     assert inter.health_interval == 0.5 and inter.max_connections == (("smtp", 10),)
-    assert config.network.queue_steering == QueueSteering(3, 0x2)
+    assert config.network.queue_steering == QueueSteering(3, 0x2, fail_open=False)
     # netsetup reads the same section for its rules.
-    assert load_network_config(path).queue_steering == QueueSteering(3, 0x2)
+    assert load_network_config(path).queue_steering == QueueSteering(3, 0x2, fail_open=False)
+    assert (inter.blackhole_threshold, inter.accept_stall) == (3, 3.0)  # the defaults
 
     path.write_text("""[interceptor]
 enabled = true
@@ -198,6 +215,14 @@ def test_netsetup_places_nfqueue_before_marked_tproxy() -> None:
                 "-A MAILGATE -p tcp -m tcp --dport 25 --tcp-flags FIN,SYN,RST,ACK SYN -m mark "
                 "! --mark 0x2/0x2 -j NFQUEUE --queue-num 0 --queue-bypass")
             assert all("-m mark --mark 0x2/0x2 -j TPROXY" in lines[i] for i in tproxy)
+        # fail = "closed": no bypass, so while no interceptor is bound the SYNs are held.
+        closed = desired_state(NetworkConfig(
+            mode=mode, intercept=NETWORK.intercept,
+            queue_steering=QueueSteering(0, 0x2, fail_open=False), **extra))  # type: ignore[arg-type]
+        for family in (4, 6):
+            queued = [line for line in closed.xtables[family].lines() if "-j NFQUEUE" in line]
+            assert len(queued) == 2 and all(line.endswith("-j NFQUEUE --queue-num 0")
+                                            for line in queued), queued
         if mode == "bridge":
             # Passed connections are routed through the bridge's IP stack.
             assert desired.sysctls["net.ipv4.ip_forward"] == "1"

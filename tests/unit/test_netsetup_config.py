@@ -45,13 +45,26 @@ listen = { smtp = 0 }
     assert "network.listen.smtp: expected a port number, got 0" in problems
 
 
-def test_bridge_mode_needs_ports_and_a_way_to_reach_the_segment(tmp_path: Path) -> None:
+def test_bridge_mode_needs_two_ports_and_spoofing_or_an_address(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, '[network]\nmode = "bridge"\nports = ["eth0"]\n'
                                      'spoof_source = false\n')
     assert "network.ports: bridge mode needs at least two member interfaces" in problems
-    assert any(p.startswith("network.bridged_networks: bridge mode needs 'addresses' or")
-               for p in problems)
     assert any(p.startswith("network.spoof_source: false needs 'addresses'") for p in problems)
+
+
+def test_an_invisible_bridge_needs_no_subnet(tmp_path: Path) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text('[network]\nmode = "bridge"\nports = ["eth0", "eth1"]\n')
+    config = load_network_config(path)
+    assert config.addresses == () and config.bridged_networks == ()
+    assert (config.egress_mark, config.egress_table) == (0x4, 101)
+
+
+def test_egress_mark_and_table_must_not_clash(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nmode = "bridge"\nports = ["eth0", "eth1"]\n'
+                                     'egress_mark = 0x3\negress_table = 100\n')
+    assert any(p.startswith("network.egress_mark: shares bits with mark (0x1)") for p in problems)
+    assert "network.egress_table: is route_table: the two need tables of their own" in problems
 
 
 def test_bridge_ports_must_be_distinct_and_not_the_bridge(tmp_path: Path) -> None:

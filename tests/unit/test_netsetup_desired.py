@@ -78,8 +78,41 @@ def test_bridge_mode() -> None:
                                                          "2001:db8:1::2/64 dev br0"]
     # 192.0.2.0/24 comes with the address; only the other bridged network gets a route
     assert [r.describe() for r in desired.routes if r.device == "br0"] == [
+        "ipv4 default via 169.254.77.1 (02:6d:67:00:00:01) dev br0 table 101",
+        "ipv6 default via fe80::6d67:1 (02:6d:67:00:00:01) dev br0 table 101",
         "ipv4 198.18.0.0/15 dev br0 scope link"]
+    assert [r.describe() for r in desired.rules][2:] == [
+        "ipv4 priority 32001 fwmark 0x4/0x4 lookup 101",
+        "ipv6 priority 32001 fwmark 0x4/0x4 lookup 101"]
+    # an IPv6 address is configured: the bridge keeps its link-local address
+    assert desired.bridge.link_local
     assert rules_text(desired, 4)[2] == "-A PREROUTING -i br0 -p tcp -j MAILGATE"
+
+
+def test_an_invisible_bridge() -> None:
+    """No address, no subnet: the proxies' packets leave through the egress table."""
+    config = NetworkConfig(mode="bridge", ports=("eth0", "eth1"), intercept=(SMTP, POP3))
+    desired = desired_state(config)
+    assert desired.addresses == ()
+    assert desired.bridge is not None and not desired.bridge.link_local
+    assert [r.describe() for r in desired.routes if r.table == 101] == [
+        "ipv4 default via 169.254.77.1 (02:6d:67:00:00:01) dev br0 table 101",
+        "ipv6 default via fe80::6d67:1 (02:6d:67:00:00:01) dev br0 table 101"]
+    assert desired.steering is not None
+    text = nft.render(desired.steering, "02:00:00:00:00:09")
+    egress = text[text.index("table netdev mailgate {"):]
+    assert 'type filter hook ingress devices = { "eth0", "eth1" } priority 0;' in egress
+    assert ("ether type ip tcp dport { 25, 110 } update @peers4 { ip saddr : ether saddr } "
+            "update @peers4 { ip daddr : ether daddr }") in egress
+    assert "ether type ip6 tcp sport { 25, 110 } update @peers6 { ip6 saddr : ether saddr }" \
+        in egress
+    assert 'type filter hook egress device "br0" priority 0;' in egress
+    assert ("ether daddr 02:6d:67:00:00:01 ether type ip ether daddr set ip daddr map @peers4 "
+            "accept") in egress
+    assert egress.rstrip().endswith('counter drop comment "a peer never seen"\n\t}\n}')
+    # both tables carry the digest; one of them alone reads as "differs"
+    assert nft.digest_in(text) == nft.digest_of(desired.steering, "02:00:00:00:00:09")
+    assert nft.digest_in(text[:text.index("table netdev")]) == ""
 
 
 def test_bridge_steering_rules() -> None:

@@ -134,8 +134,14 @@ def test_stale_things_are_removed_first_and_only_ours() -> None:
     )
     plan = diff(desired_state(ROUTER), observed, state)
     got = lines(plan)
-    assert got[:8] == [
+    assert got[:12] == [
         "nft remove table bridge mailgate [stale]",
+        "rule delete ipv4 priority 32001 fwmark 0x4/0x4 lookup 101 [stale]",
+        "rule delete ipv6 priority 32001 fwmark 0x4/0x4 lookup 101 [stale]",
+        "route delete ipv4 default via 169.254.77.1 (02:6d:67:00:00:01) dev br0 table 101 "
+        "[stale]",
+        "route delete ipv6 default via fe80::6d67:1 (02:6d:67:00:00:01) dev br0 table 101 "
+        "[stale]",
         "address delete 192.0.2.2/24 dev br0 [stale]",
         "link release eth0 from br0 [stale]",
         "link release eth1 from br0 [stale]",
@@ -145,8 +151,9 @@ def test_stale_things_are_removed_first_and_only_ours() -> None:
         "sysctl set net.ipv4.ip_forward = 1 (now 0) [differs]",
     ]
     assert not any("203.0.113.0/24" in line for line in got)  # not ours: left alone
-    # the policy rules and local routes are wanted in router mode too: kept
-    assert not any(line.startswith(("rule", "route")) for line in got)
+    # the TPROXY policy rules and local routes are wanted in router mode too: kept
+    assert not any(line.startswith(("rule", "route")) and "table 101" not in line
+                   and "lookup 101" not in line for line in got)
 
 
 def test_teardown_of_an_adopted_bridge_keeps_it() -> None:
