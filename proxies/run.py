@@ -11,29 +11,41 @@ delivers: the workers tell it each queue id they accepted through a pipe, so the
 scheduler, as in Postfix (many smtpd, one qmgr). The master then accepts nothing itself:
 delivery is a full-time job (sharing a process with an acceptor cut the delivery rate by a
 third), and the workers say through the same pipe when they listen, before it reports ready.
+
+The master supervises the workers (proxies.process, after Postfix's master(8)): one that dies
+is logged (`worker_exited`) and replaced, listening anew, with a backoff; if they keep dying
+the master exits 1 and systemd restarts the lot. It also owns the connection counts: each
+worker counts in its own slot, which the master clears when it reaps that worker.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
 import os
+import pickle
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from proxies import logs, sdnotify
 from proxies.config import Config
 from proxies.filtering import MessageFilter
+from proxies.process import ConnectionSlots, Supervisor
 from proxies.queue import Queue, QueueError
 from proxies.scan.filter import build_filter, build_scanner
 from proxies.smtp.delivery import DeliveryAgent
-from proxies.smtp.server import GatewayHandler, SharedConnectionGate, SmtpFrontEnd
+from proxies.smtp.server import ConnectionGate, GatewayHandler, SmtpFrontEnd
 from proxies.tls import TlsSetupError, client_context, ensure_self_signed, server_context
-from proxies.transparent import TransparentError, make_listeners
+from proxies.transparent import TransparentError, make_listeners, set_egress_mark
+
+if TYPE_CHECKING:
+    from proxies.pop3.service import RunningService
 
 STOP_GRACE = 10.0
 PR_SET_PDEATHSIG = 1
@@ -100,14 +112,13 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-WORKER_READY = b"ready"
 WORKER_START_TIMEOUT = 30.0
 
 
 async def serve(config: Config, message_filter: MessageFilter | None = None,
-                notify_fd: int | None = None, acceptors: int = 0) -> int:
+                acceptors: int = 0) -> int:
     """The master: delivery scheduler, POP3, and the SMTP front end unless `acceptors`
-    workers run it; `notify_fd` reads the workers' queue ids and readiness."""
+    workers run it (started here once the queue is recovered, and kept up)."""
     smtp = config.smtp
     queue = _open_queue(config)
     pid_file = smtp.queue_dir / "master.pid"
@@ -134,17 +145,29 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
 
         pop3 = await start_pop3(config, build_scanner(config.scan))
 
-    loop = asyncio.get_running_loop()
     stop = _stop_event()
-    workers_ready = _WorkersReady(acceptors)
-    if notify_fd is not None:
-        loop.add_reader(notify_fd, _pipe_reader(notify_fd, queue, agent.wake, workers_ready))
+    workers = None
     if acceptors:
-        try:
-            await workers_ready.wait(WORKER_START_TIMEOUT)
-        except StartupError:
-            pid_file.unlink(missing_ok=True)
-            raise
+        workers = _Acceptors(config, queue, agent.wake)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, workers.stopping, stop)
+    try:
+        return await _serve_started(config, queue, agent, front, pop3, stop, workers)
+    finally:
+        if workers is not None:  # also when something above failed: no worker outlives us
+            await workers.stop(2.0)
+        with contextlib.suppress(FileNotFoundError):
+            pid_file.unlink()
+
+
+async def _serve_started(config: Config, queue: Queue, agent: DeliveryAgent,
+                         front: SmtpFrontEnd, pop3: RunningService | None, stop: asyncio.Event,
+                         workers: _Acceptors | None) -> int:
+    smtp = config.smtp
+    loop = asyncio.get_running_loop()
+    if workers is not None:
+        await workers.start(WORKER_START_TIMEOUT)
 
     def rescan() -> None:
         queue.rescan()
@@ -161,137 +184,229 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
                queue_dir=str(smtp.queue_dir), tls=smtp.tls, workers=smtp.workers)
     sdnotify.notify("READY=1")
     stopped = asyncio.create_task(stop.wait(), name="stop-signal")
-    await asyncio.wait({delivery, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    waiting = {delivery, stopped}
+    gave_up = None
+    if workers is not None:
+        gave_up = asyncio.create_task(workers.supervisor.gave_up.wait(), name="workers-gave-up")
+        waiting.add(gave_up)
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
     if delivery.done() and delivery.exception() is not None:
         logs.error("delivery_scheduler_crashed", error=repr(delivery.exception()))
+    if gave_up is not None and gave_up.done():
+        code = 1  # systemd's Restart=on-failure starts us again, workers and all
     sdnotify.notify("STOPPING=1")
     logs.event("stopping")
+    if workers is not None:
+        await workers.stop(STOP_GRACE)  # they stop taking connections first
     if interceptor is not None:
         await interceptor.stop()
     await front.stop()
     if pop3 is not None:
         await pop3.stop()
     await agent.stop(STOP_GRACE)
-    delivery.cancel()
-    stopped.cancel()
+    for task in (delivery, stopped, gave_up):
+        if task is not None:
+            task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await delivery
-    with contextlib.suppress(FileNotFoundError):
-        pid_file.unlink()
-    logs.event("stopped")
-    return 0
+    logs.event("stopped", exit_code=code)
+    return code
 
 
-class _WorkersReady:
-    """Counts the acceptor workers that said they listen."""
+# --- SMTP acceptor workers -----------------------------------------------------------------------
+#
+# Each worker is a fresh interpreter (`python -m proxies.worker`, fork + exec as Postfix's master
+# starts smtpd), not a bare fork of the master: the master runs an event loop and delivery
+# threads by then, and a fork would copy its sockets (keeping its delivery connections open),
+# its loop's signal wake-up pipe and any lock a thread held. A worker gets three descriptors:
+# the master's config (pickled in a memfd, so a respawned worker runs the master's config, not
+# whatever the file says now), the write end of the queue-id pipe, and the connection counts.
 
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.count = 0
-        self.gone = False
+WORKER_READY = "ready"  # "ready SLOT PID": the worker listens
+
+
+class _SlotGate(ConnectionGate):
+    """The front end's connection gate over one worker's slot of the master's counts."""
+
+    def __init__(self, counts: ConnectionSlots, slot: int) -> None:  # no super(): no own counts
+        self.total = counts.total
+        self.per_client = counts.per_client
+        self.counts = counts
+        self.slot = slot
+
+    @property
+    def count(self) -> int:  # type: ignore[override]
+        return self.counts.count
+
+    def admit(self, client: str) -> bool:
+        return self.counts.admit(self.slot, client)
+
+    def release(self, client: str) -> None:
+        self.counts.release(self.slot, client)
+
+
+class _Acceptors:
+    """The SMTP acceptor workers as the master sees them: supervised (proxies.process), their
+    connections counted in one place, their queue ids and readiness read from one pipe."""
+
+    def __init__(self, config: Config, queue: Queue, wake: Callable[[], None]) -> None:
+        smtp = config.smtp
+        self.queue = queue
+        self.wake = wake
+        # The master keeps the write end open: respawned workers get the same pipe.
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self.config_fd = os.memfd_create("mailgate-config", os.MFD_CLOEXEC)
+        os.write(self.config_fd, pickle.dumps(config))
+        self.counts = ConnectionSlots(smtp.workers, smtp.max_connections,
+                                      smtp.max_connections_per_client)
+        # Inherited by our workers only: every other child is spawned with close_fds.
+        for fd in (self.write_fd, self.config_fd, self.counts.fd):
+            os.set_inheritable(fd, True)
+        self.supervisor = Supervisor("smtp", smtp.workers, self._spawn, on_exit=self._exited)
+        self.ready: set[int] = set()  # pids that said they listen
+        self.started = False
+        self._failed_at_start = False
         self._changed = asyncio.Event()
+        self._pending = bytearray()
+        self._reading = False
+        self._stopped = False
 
-    def ready(self) -> None:
-        self.count += 1
-        self._changed.set()
+    def _spawn(self, slot: int) -> int:
+        argv = [sys.executable, "-m", "proxies.worker", "--slot", str(slot),
+                "--master", str(os.getpid()), "--config-fd", str(self.config_fd),
+                "--notify-fd", str(self.write_fd), "--connections-fd", str(self.counts.fd)]
+        return os.posix_spawn(sys.executable, argv, os.environ)
 
-    def all_gone(self) -> None:
-        self.gone = True
-        self._changed.set()
+    def _exited(self, slot: int, pid: int) -> None:
+        held = self.counts.held(slot)
+        self.counts.reset(slot)  # the dead worker's connections are gone with it
+        if held:
+            logs.event("worker_connections_released", worker="smtp", slot=slot, pid=pid,
+                       connections=held)
+        self.ready.discard(pid)
+        # It may have linked a message into incoming/ and died before telling us (its client
+        # got no 250, but the file is complete): look at the directories, as after a restart.
+        self.queue.rescan()
+        self.wake()
+        if not self.started:
+            self._failed_at_start = True
+            self._changed.set()
 
-    async def wait(self, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
+        loop.add_reader(self.read_fd, self._read)
+        self._reading = True
+        self.supervisor.start()
         deadline = loop.time() + timeout
-        while self.count < self.expected and not self.gone:
+        while len(self.ready) < self.supervisor.count and not self._failed_at_start:
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
             if loop.time() >= deadline:
                 break
-        if self.count < self.expected:
-            raise StartupError(f"only {self.count} of {self.expected} SMTP acceptor workers "
-                               "started (smtp.workers); the log says why")
+        if len(self.ready) < self.supervisor.count:
+            raise StartupError(f"only {len(self.ready)} of {self.supervisor.count} SMTP "
+                               "acceptor workers started (smtp.workers); the log says why")
+        self.started = True
 
-
-def _pipe_reader(fd: int, queue: Queue, wake: Callable[[], None],
-                 workers_ready: _WorkersReady) -> Callable[[], None]:
-    pending = bytearray()
-
-    def read() -> None:
+    def _read(self) -> None:
         try:
-            data = os.read(fd, 65536)
+            data = os.read(self.read_fd, 65536)
         except BlockingIOError:
             return
-        if not data:  # every worker is gone
-            asyncio.get_running_loop().remove_reader(fd)
-            workers_ready.all_gone()
-            return
-        pending.extend(data)
-        *lines, rest = bytes(pending).split(b"\n")
-        pending[:] = rest
+        self._pending.extend(data)
+        *lines, partial = bytes(self._pending).split(b"\n")
+        self._pending[:] = partial
         queued = False
         for line in lines:
-            if line == WORKER_READY:
-                workers_ready.ready()
+            word, _, fields = line.decode("ascii", "replace").partition(" ")
+            if word == WORKER_READY:
+                slot, _, pid = fields.partition(" ")
+                if int(pid) in self.supervisor.slots:  # not one reaped since it wrote
+                    self.ready.add(int(pid))
+                    logs.event("worker_ready", worker="smtp", slot=int(slot), pid=int(pid),
+                               ready=len(self.ready), workers=self.supervisor.count)
+                    self._changed.set()
                 continue
-            queue.notice(line.decode("ascii", "replace"))
+            self.queue.notice(word)
             queued = True
         if queued:
-            wake()
+            self.wake()
 
-    return read
+    def stopping(self, stop: asyncio.Event) -> None:
+        """The master's SIGTERM/SIGINT: exits from now on are expected, then stop."""
+        self.supervisor.shutting_down()
+        stop.set()
+
+    async def stop(self, grace: float) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.supervisor.stop(grace)
+        if self._reading:
+            self._read()  # the last ids the workers sent
+            asyncio.get_running_loop().remove_reader(self.read_fd)
+            self._reading = False
 
 
-async def serve_acceptor(config: Config, notify_fd: int, gate: SharedConnectionGate) -> int:
+async def serve_acceptor(config: Config, notify_fd: int, gate: ConnectionGate,
+                         slot: int) -> int:
     """A worker: the SMTP front end only; each queued id goes to the master's pipe."""
     queue = _open_queue(config)
 
-    def tell_master(queue_id: str) -> None:
-        # One short write per id: atomic on a pipe (under PIPE_BUF), never interleaved.
+    def tell_master(line: str) -> None:
+        # One short write per line: atomic on a pipe (under PIPE_BUF), never interleaved.
         with contextlib.suppress(OSError):
-            os.write(notify_fd, queue_id.encode() + b"\n")
+            os.write(notify_fd, line.encode() + b"\n")
 
     handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
                              on_queued=tell_master)
     front = SmtpFrontEnd(config.smtp, handler, _server_tls(config), gate)
     await _start_front(front, config)
     stop = _stop_event()
-    tell_master(WORKER_READY.decode())
+    tell_master(f"{WORKER_READY} {slot} {os.getpid()}")
     await stop.wait()
     await front.stop()
     return 0
 
 
-def _start_workers(config: Config, count: int) -> tuple[list[int], int]:
-    """Fork `count` acceptor processes; return their pids and the pipe's read end."""
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    pids = []
-    # The connection limits hold over all the workers together.
-    gate = SharedConnectionGate(config.smtp.max_connections,
-                                config.smtp.max_connections_per_client)
-    libc = ctypes.CDLL(None, use_errno=True)
-    for _ in range(count):
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            # Die with the master, whatever kills it (kill -9 included).
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            code = 1
-            try:
-                code = asyncio.run(serve_acceptor(config, write_fd, gate))
-            except BaseException as exc:  # a worker must never run the master's cleanup
-                logs.error("worker_crashed", exc_info=True, error=repr(exc))
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        pids.append(pid)
-    os.close(write_fd)
-    return pids, read_fd
+def worker_main(argv: list[str] | None = None) -> int:
+    """`python -m proxies.worker`: what the master starts; not for people."""
+    parser = argparse.ArgumentParser(
+        prog="mailgate-worker", description="An SMTP acceptor worker of `mailgate run`; "
+        "only the master starts these (smtp.workers).")
+    for name in ("--slot", "--master", "--config-fd", "--notify-fd", "--connections-fd"):
+        parser.add_argument(name, type=int, required=True)
+    args = parser.parse_args(argv)
+    # Die with the master, whatever kills it (kill -9 included); if it is already gone, the
+    # signal would never come.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != args.master:
+        return 1
+    config: Config = pickle.loads(os.pread(args.config_fd, os.fstat(args.config_fd).st_size, 0))
+    os.close(args.config_fd)
+    logs.setup(config.log.level, config.log.format == "json")
+    set_egress_mark(config.network.egress_mark)  # as run() does: a worker is a new process
+    smtp = config.smtp
+    counts = ConnectionSlots(smtp.workers, smtp.max_connections,
+                             smtp.max_connections_per_client, fd=args.connections_fd)
+    try:
+        return asyncio.run(serve_acceptor(config, args.notify_fd,
+                                          _SlotGate(counts, args.slot), args.slot))
+    except StartupError as exc:
+        print(f"mailgate: SMTP worker {args.slot}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        logs.error("worker_crashed", exc_info=True, slot=args.slot, error=repr(exc))
+    finally:
+        sys.stderr.flush()
+    return 1
 
 
 def run(config: Config) -> int:
     logs.setup(config.log.level, config.log.format == "json")
+    set_egress_mark(config.network.egress_mark)
     try:
         return _run(config)
     except StartupError as exc:
@@ -315,13 +430,4 @@ def _run(config: Config) -> int:
         for sock in make_listeners(config.smtp.listen_port, families, transparent=True,
                                    reuse_port=False):
             sock.close()
-    pids, read_fd = _start_workers(config, workers)
-    try:
-        return asyncio.run(serve(config, notify_fd=read_fd, acceptors=workers))
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+    return asyncio.run(serve(config, acceptors=workers))
