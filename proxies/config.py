@@ -71,6 +71,9 @@ class SmtpConfig:
     # SMTP acceptor processes: one per core by default (aiosmtpd's parsing is CPU-bound and
     # a single process cannot use a second core).
     workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
+    # "mailgate": our sans-I/O core on an asyncio.Protocol; "aiosmtpd": aiosmtpd's own SMTP
+    # class through its public API, the reference the differential tests hold ours against.
+    frontend: str = "mailgate"
 
     def transport_for(self, domain: str) -> tuple[str, int] | None:
         domain = domain.lower().rstrip(".")
@@ -140,6 +143,7 @@ def _smtp_from_section(section: Section) -> SmtpConfig:
         delivery_concurrency=section.integer(
             "delivery_concurrency", defaults.delivery_concurrency, 1, 1000),
         workers=section.integer("workers", defaults.workers, 1, 64),
+        frontend=section.choice("frontend", ("mailgate", "aiosmtpd"), "mailgate"),
     )
     if config.retry_min > config.retry_max:
         section.problem("retry_min", "must not be larger than retry_max")

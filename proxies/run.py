@@ -40,7 +40,9 @@ from proxies.process import ConnectionSlots, Supervisor
 from proxies.queue import Queue, QueueError
 from proxies.scan.filter import build_filter, build_scanner
 from proxies.smtp.delivery import DeliveryAgent
-from proxies.smtp.server import ConnectionGate, GatewayHandler, SmtpFrontEnd
+from proxies.smtp.frontend import Gate, MailgateFrontEnd
+from proxies.smtp.handler import ConnectionGate, GatewayHandler
+from proxies.smtp.reference import AiosmtpdFrontEnd
 from proxies.tls import TlsSetupError, client_context, ensure_self_signed, server_context
 from proxies.transparent import TransparentError, make_listeners, set_egress_mark
 
@@ -89,7 +91,20 @@ def _open_queue(config: Config) -> Queue:
                      lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
 
 
-async def _start_front(front: SmtpFrontEnd, config: Config) -> None:
+FrontEnd = MailgateFrontEnd | AiosmtpdFrontEnd
+
+
+def make_front_end(config: Config, handler: GatewayHandler, tls: ssl.SSLContext | None,
+                   gate: Gate | None = None) -> FrontEnd:
+    """`[smtp] frontend`: ours by default, aiosmtpd's own SMTP class as the reference."""
+    smtp = config.smtp
+    gate = gate or ConnectionGate(smtp.max_connections, smtp.max_connections_per_client)
+    if smtp.frontend == "aiosmtpd":
+        return AiosmtpdFrontEnd(smtp, handler, tls, gate)
+    return MailgateFrontEnd(smtp, handler, tls, gate)
+
+
+async def _start_front(front: FrontEnd, config: Config) -> None:
     with _starting(f"cannot listen on port {config.smtp.listen_port} (smtp.listen)"):
         await front.start(smtp_listeners(config))
 
@@ -136,7 +151,7 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
     if message_filter is None:
         message_filter = build_filter(config.scan)
     handler = GatewayHandler(smtp, queue, message_filter, on_queued=agent.wake)
-    front = SmtpFrontEnd(smtp, handler, tls_server)
+    front = make_front_end(config, handler, tls_server)
     if not acceptors:
         await _start_front(front, config)
     pop3 = None
@@ -162,7 +177,7 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
 
 
 async def _serve_started(config: Config, queue: Queue, agent: DeliveryAgent,
-                         front: SmtpFrontEnd, pop3: RunningService | None, stop: asyncio.Event,
+                         front: FrontEnd, pop3: RunningService | None, stop: asyncio.Event,
                          workers: _Acceptors | None) -> int:
     smtp = config.smtp
     loop = asyncio.get_running_loop()
@@ -363,7 +378,7 @@ async def serve_acceptor(config: Config, notify_fd: int, gate: ConnectionGate,
 
     handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
                              on_queued=tell_master)
-    front = SmtpFrontEnd(config.smtp, handler, _server_tls(config), gate)
+    front = make_front_end(config, handler, _server_tls(config), gate)
     await _start_front(front, config)
     stop = _stop_event()
     tell_master(f"{WORKER_READY} {slot} {os.getpid()}")
