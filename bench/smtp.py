@@ -40,6 +40,31 @@ def _wait(check: object, timeout: float) -> float:
     raise TimeoutError("timed out waiting for the queue to drain")
 
 
+def _cpu_by_group(netns: str) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the processes in `netns`, by what they are:
+    "mailgate" (our processes, master and workers) or "postfix" (the relay's)."""
+    import os
+    import subprocess
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True,
+                          text=True).stdout.split()
+    groups: dict[str, float] = {"mailgate": 0.0, "postfix": 0.0, "master": 0.0,
+                                "workers": 0.0}
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        group = "mailgate" if b"proxies." in cmdline else "postfix"
+        seconds = (int(fields[11]) + int(fields[12])) / ticks
+        groups[group] += seconds
+        if group == "mailgate":
+            groups["workers" if b"proxies.worker" in cmdline else "master"] += seconds
+    return groups
+
+
 def _queue_files(queue_dir: Path) -> int:
     return sum(len(list((queue_dir / d).glob("*")))
                for d in ("incoming", "active", "deferred") if (queue_dir / d).exists())
@@ -155,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                        ("mailgate", server_ip, 25)):
                 if args.only and not name.startswith(args.only):
                     continue
+                cpu_before = _cpu_by_group(lab.gateway.netns)
                 run = smtp_source(lab, lab.sender, target, port, count=args.count,
                                   sessions=args.sessions, size=size)
                 if name == "postfix relay":
@@ -164,12 +190,22 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     drained = 0.0
                 delivered = args.count / (run.seconds + drained)
+                cpu_after = _cpu_by_group(lab.gateway.netns)
+                group = {"postfix relay": "postfix", "mailgate": "mailgate"}.get(name)
+                cpu_us = (1e6 * (cpu_after[group] - cpu_before[group]) / args.count
+                          if group else 0.0)
+
+                def split(part: str, after: dict[str, float] = cpu_after,
+                          before: dict[str, float] = cpu_before) -> float:
+                    return 1e6 * (after[part] - before[part]) / args.count
                 p50, p99 = latency(lab, lab.sender, target, port, min(400, args.count),
                                    args.sessions, size)
                 rows.append((name, size, run.rate, delivered, p50, p99))
                 print(f"{name:14} {size // 1024:4d} KiB  accepted {run.rate:7.0f}/s  "
-                      f"delivered {delivered:7.0f}/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms",
-                      flush=True)
+                      f"delivered {delivered:7.0f}/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms"
+                      + (f"  cpu {cpu_us:6.0f} us/msg" if group else "")
+                      + (f" (master {split('master'):.0f}, workers {split('workers'):.0f})"
+                         if group == "mailgate" else ""), flush=True)
         direct_sink.stop()
         sink.stop()
         run_in_namespace(lab.gateway.netns, "teardown", config, workdir / "state.json")

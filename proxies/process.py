@@ -3,10 +3,10 @@ notices each one's death, says so in the log, and starts another in its place; w
 keep them up it gives up, so that the master exits non-zero and its own supervisor (systemd,
 `Restart=on-failure`) starts everything afresh.
 
-- Deaths are noticed on SIGCHLD (`loop.add_signal_handler`), and only our own pids are reaped
-  with `waitpid(pid, WNOHANG)`: never `waitpid(-1)`, which would steal the exit status of a
-  child asyncio's subprocess watcher is waiting for (the interceptor companion). Nothing here
-  blocks the loop.
+- Deaths are noticed through a pidfd per worker (`loop.add_reader`; not SIGCHLD, which
+  uvloop reserves), and only our own pids are reaped with `waitpid(pid, WNOHANG)`: never
+  `waitpid(-1)`, which would steal the exit status of a child asyncio's subprocess watcher is
+  waiting for (the interceptor companion). Nothing here blocks the loop.
 - Respawning backs off per slot: 0.1 s, doubling up to 5 s; a worker that lived 10 s was
   healthy and its slot starts again at 0.1 s (Postfix waits a fixed `service_throttle_time`;
   a doubling delay gets a worker back fast after one kill and still spares a crash loop).
@@ -94,6 +94,9 @@ class Supervisor:
         self._exits: collections.deque[float] = collections.deque()
         self._none_left = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # One pidfd per worker (Linux 5.3): readable once the worker has exited. Not SIGCHLD:
+        # uvloop keeps that signal for itself, and a pidfd names exactly one process.
+        self._pidfds: dict[int, int] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -101,10 +104,26 @@ class Supervisor:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        # Installed before the first fork: a worker that dies at once is still seen.
-        self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for slot in range(self.count):
             self._start(slot)
+
+    def _watch(self, pid: int) -> None:
+        assert self._loop is not None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone (and a zombie): reap it now
+            self._loop.call_soon(self.reap)
+            return
+        self._pidfds[pid] = fd
+        # A worker that died before this line leaves its pidfd readable: still seen.
+        self._loop.add_reader(fd, self.reap)
+
+    def _unwatch(self, pid: int) -> None:
+        fd = self._pidfds.pop(pid, None)
+        if fd is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+            os.close(fd)
 
     def _start(self, slot: int) -> None:
         self._respawns.pop(slot, None)
@@ -119,11 +138,12 @@ class Supervisor:
         self.slots[pid] = slot
         self._started_at[pid] = time.monotonic()
         self._none_left.clear()
+        self._watch(pid)
         logs.event("worker_started", worker=self.name, slot=slot, pid=pid)
 
     def reap(self) -> None:
-        """Collect every worker of ours that has exited (the SIGCHLD handler; SIGCHLDs
-        coalesce, so each call looks at all of them)."""
+        """Collect every worker of ours that has exited (called when a pidfd is readable;
+        each call looks at all of them)."""
         for pid in list(self.slots):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -133,6 +153,7 @@ class Supervisor:
                 self._exited(pid, status)
 
     def _exited(self, pid: int, status: int) -> None:
+        self._unwatch(pid)
         slot = self.slots.pop(pid)
         lived = time.monotonic() - self._started_at.pop(pid)
         fields = describe_status(status) if status >= 0 else {"status": "unknown"}
@@ -188,8 +209,8 @@ class Supervisor:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._none_left.wait(), wait)
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_signal_handler(signal.SIGCHLD)
+        for pid in list(self._pidfds):
+            self._unwatch(pid)
 
 
 # --- connection counting (Postfix's anvil) -----------------------------------------------------

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from proxies import logs, sdnotify
+from proxies import eventloop, logs, sdnotify
 from proxies.config import Config
 from proxies.filtering import MessageFilter
 from proxies.process import ConnectionSlots, Supervisor
@@ -196,7 +196,8 @@ async def _serve_started(config: Config, queue: Queue, agent: DeliveryAgent,
     interceptor = start_companion(config.path, config.interceptor.enabled,
                                   config.interceptor.queue)
     logs.event("ready", smtp_port=smtp.listen_port, hostname=smtp.hostname,
-               queue_dir=str(smtp.queue_dir), tls=smtp.tls, workers=smtp.workers)
+               queue_dir=str(smtp.queue_dir), tls=smtp.tls, workers=smtp.workers,
+               frontend=smtp.frontend, event_loop=eventloop.name())
     sdnotify.notify("READY=1")
     stopped = asyncio.create_task(stop.wait(), name="stop-signal")
     waiting = {delivery, stopped}
@@ -408,8 +409,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     counts = ConnectionSlots(smtp.workers, smtp.max_connections,
                              smtp.max_connections_per_client, fd=args.connections_fd)
     try:
-        return asyncio.run(serve_acceptor(config, args.notify_fd,
-                                          _SlotGate(counts, args.slot), args.slot))
+        return eventloop.run(serve_acceptor(config, args.notify_fd,
+                                            _SlotGate(counts, args.slot), args.slot))
     except StartupError as exc:
         print(f"mailgate: SMTP worker {args.slot}: {exc}", file=sys.stderr)
     except Exception as exc:
@@ -432,7 +433,7 @@ def run(config: Config) -> int:
 def _run(config: Config) -> int:
     workers = config.smtp.workers
     if workers <= 1:
-        return asyncio.run(serve(config))
+        return eventloop.run(serve(config))
     # The queue directory and the self-signed certificate are made once, before the workers
     # would race for them.
     _open_queue(config).close()
@@ -445,4 +446,4 @@ def _run(config: Config) -> int:
         for sock in make_listeners(config.smtp.listen_port, families, transparent=True,
                                    reuse_port=False):
             sock.close()
-    return asyncio.run(serve(config, acceptors=workers))
+    return eventloop.run(serve(config, acceptors=workers))

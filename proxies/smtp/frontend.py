@@ -28,7 +28,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import Envelope, Session
 
@@ -61,8 +61,11 @@ from proxies.transparent import original_destination
 # much buffered input we stop reading until the core has consumed it.
 READ_PAUSE_THRESHOLD = 1024 * 1024
 # The core's refusals of message content, as the log names them.
-_CONTENT_REFUSALS = {(550, "5.6.0"): "smtp_nul_in_data", (552, "5.3.4"): "smtp_message_too_big",
-                     (500, "5.5.2"): "smtp_data_line_too_long"}
+_CONTENT_REFUSALS: dict[tuple[int, str | None], str] = {
+    (550, "5.6.0"): "smtp_nul_in_data",
+    (552, "5.3.4"): "smtp_message_too_big",
+    (500, "5.5.2"): "smtp_data_line_too_long",
+}
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 
@@ -131,7 +134,8 @@ class SmtpConnection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not an isinstance check: uvloop's transports do not derive from asyncio's classes.
+        transport = cast(asyncio.Transport, transport)
         if self.client is not None:  # start_tls hands the protocol to the new transport
             self.transport = transport
             return
@@ -261,8 +265,14 @@ class SmtpConnection(asyncio.Protocol):
         session, envelope, handler = self.session, self.envelope, self.front.handler
         assert session is not None
         if isinstance(event, Refused):
-            content = _CONTENT_REFUSALS.get((event.reply.code, event.reply.enhanced))
-            if event.command == "DATA" and content is not None:
+            content = None
+            if self.core.state == "data":
+                # The core refused the message content itself, which ends the transaction
+                # (RFC 5321 4.1.1.4): so must it end here, or its recipients would go with
+                # the next message.
+                self.envelope = Envelope()
+                content = _CONTENT_REFUSALS.get((event.reply.code, event.reply.enhanced))
+            if content is not None:
                 logs.warning(content, conn=self.connection_id,
                              client=self.client.client_address if self.client else "-")
             else:
