@@ -43,7 +43,7 @@ def _count_batches(queue: Queue) -> list[int]:
     batches: list[int] = []
     commit = queue._commit_batch
 
-    def counting(items: list[tuple[str, Path]]) -> list[QueueError | None]:
+    def counting(items: list[tuple[str, Path, bool]]) -> list[QueueError | None]:
         batches.append(len(items))
         return commit(items)
 

@@ -105,9 +105,9 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
                 written = 0
 
 
-def _write_new_file(path: Path, chunks: list[bytes]) -> None:
-    """Create, write, fsync and close `path`; on any failure remove it and raise the
-    QueueWriteError or QueueFullError that says why. Runs in a worker thread."""
+def _write_new_file(path: Path, chunks: list[bytes], sync: bool = True) -> None:
+    """Create, write, fsync (unless `sync` is false: the committer does it) and close `path`;
+    on any failure remove it and raise the QueueWriteError or QueueFullError that says why."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -115,7 +115,8 @@ def _write_new_file(path: Path, chunks: list[bytes]) -> None:
     try:
         try:
             _write_all(fd, chunks)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)  # close can report a delayed write error too (NFS)
     except OSError as exc:
@@ -134,11 +135,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Content up to this size is written from the event loop straight into the page cache (tens of
+# microseconds) and fsynced by the committer with its batch: one thread hand-off per batch
+# instead of two per message, which measured as the front end's largest cost (GIL traffic).
+# Bigger content is written and fsynced in a writer thread, so the loop never stalls on it.
+INLINE_WRITE_LIMIT = 256 * 1024
+
+
 @dataclass
 class _Pending:
     queue_id: str
     tmp: Path
     future: asyncio.Future[str]
+    synced: bool = True
 
 
 class Queue:
@@ -211,6 +228,13 @@ class Queue:
             self._writers = ThreadPoolExecutor(self._write_threads, "queue-write")
             self._committer_pool = ThreadPoolExecutor(1, "queue-commit")
         _INFLIGHT.add(tmp.name)
+        if sum(len(c) for c in chunks) <= INLINE_WRITE_LIMIT:
+            try:
+                _write_new_file(tmp, chunks, sync=False)
+            except BaseException:
+                _INFLIGHT.discard(tmp.name)
+                raise
+            return await self._commit(queue_id, tmp, loop, synced=False)
         write = loop.run_in_executor(self._writers, _write_new_file, tmp, chunks)
         try:
             # shield: a cancelled caller must not leave the thread's file behind unnoticed.
@@ -226,7 +250,11 @@ class Queue:
         except BaseException:
             _INFLIGHT.discard(tmp.name)
             raise
-        pending = _Pending(queue_id, tmp, loop.create_future())
+        return await self._commit(queue_id, tmp, loop, synced=True)
+
+    async def _commit(self, queue_id: str, tmp: Path, loop: asyncio.AbstractEventLoop, *,
+                      synced: bool) -> str:
+        pending = _Pending(queue_id, tmp, loop.create_future(), synced)
         self._batch.append(pending)
         if self._committer is None or self._committer.done():
             self._committer = loop.create_task(self._commit_loop(), name="queue-committer")
@@ -259,7 +287,7 @@ class Queue:
             try:
                 results = await loop.run_in_executor(
                     self._committer_pool, self._commit_batch,
-                    [(item.queue_id, item.tmp) for item in live])
+                    [(item.queue_id, item.tmp, item.synced) for item in live])
             except Exception as exc:  # the pool is gone (closed): fail the batch cleanly
                 results = [QueueWriteError(f"commit failed: {exc!r}")] * len(live)
                 for item in live:
@@ -275,12 +303,18 @@ class Queue:
                 if not item.future.done():
                     item.future.set_result(item.queue_id)
 
-    def _commit_batch(self, items: list[tuple[str, Path]]) -> list[QueueError | None]:
-        """Link each fsynced file under its final name, then fsync incoming/ once."""
+    def _commit_batch(self, items: list[tuple[str, Path, bool]]) -> list[QueueError | None]:
+        """fsync each file not yet synced, link it under its final name, then fsync incoming/
+        once."""
         incoming = self._dirs[INCOMING]
         results: list[QueueError | None] = []
-        for queue_id, tmp in items:
+        for queue_id, tmp, synced in items:
             try:
+                if not synced:
+                    try:
+                        _fsync_file(tmp)
+                    except OSError as exc:
+                        raise _write_error(exc, "write queue file") from exc
                 self._publish(tmp, incoming / queue_id)
                 results.append(None)
             except QueueWriteError as exc:
@@ -292,7 +326,7 @@ class Queue:
                 _fsync_dir(incoming)
             except OSError as exc:
                 error = _write_error(exc, "sync queue directory")
-                for (queue_id, _tmp), result in zip(items, results, strict=True):
+                for (queue_id, _tmp, _synced), result in zip(items, results, strict=True):
                     if result is None:
                         with contextlib.suppress(OSError):
                             (incoming / queue_id).unlink()

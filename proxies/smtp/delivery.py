@@ -126,8 +126,10 @@ class DeliveryAgent:
                 if queue_id in self._in_flight:
                     continue
                 await self._slots.acquire()
-                # claim() reads the file and record_attempt() fsyncs: off the event loop.
-                claimed = await asyncio.to_thread(self.queue.claim, queue_id)
+                # claim() is a rename and a read of a file just written (in the page cache):
+                # cheaper here than the thread hand-off, whose GIL traffic measured as the
+                # largest cost per message (futex calls by the hundred).
+                claimed = self.queue.claim(queue_id)
                 if claimed is None:
                     self._slots.release()
                     continue
@@ -200,7 +202,11 @@ class DeliveryAgent:
         queue_id = claimed.queue_id
         try:
             results = await self._attempt(claimed)
-            outcome = await asyncio.to_thread(self.queue.record_attempt, queue_id, results)
+            if all(200 <= r.code < 300 for r in results.values()):
+                # All delivered: record_attempt only removes the file, no fsync; inline.
+                outcome = self.queue.record_attempt(queue_id, results)
+            else:  # a state record to fsync, perhaps a bounce to queue: off the loop
+                outcome = await asyncio.to_thread(self.queue.record_attempt, queue_id, results)
             logs.event("delivery_attempt_done", qid=queue_id, outcome=str(outcome))
             if outcome.bounced:
                 logs.event("bounced", qid=queue_id, rcpts=",".join(outcome.bounced),

@@ -435,7 +435,7 @@ def test_a_deferral_wakes_the_sleeping_scheduler_at_its_due_time(
     agent = DeliveryAgent(config, queue, spoof_source=False, tls_context=None)
     attempts: list[float] = []
     outcomes: list[AttemptOutcome] = []
-    threads: set[int] = set()
+    threads: list[int] = []
 
     async def attempt(claimed: ClaimedMessage) -> dict[str, DeliveryResult]:  # no sockets
         attempts.append(time.time())
@@ -444,7 +444,7 @@ def test_a_deferral_wakes_the_sleeping_scheduler_at_its_due_time(
     record = queue.record_attempt
 
     def record_attempt(queue_id: str, results: dict[str, DeliveryResult]) -> AttemptOutcome:
-        threads.add(threading.get_ident())  # a worker thread: on_schedule is called there
+        threads.append(threading.get_ident())
         outcome = record(queue_id, results)
         outcomes.append(outcome)
         return outcome
@@ -475,7 +475,9 @@ def test_a_deferral_wakes_the_sleeping_scheduler_at_its_due_time(
             await scheduler
 
     asyncio.run(go())
-    assert threading.get_ident() not in threads
+    # The deferral (a state record to fsync) was recorded in a worker thread, so on_schedule
+    # was called from there; the delivered one only removes the file, on the loop's thread.
+    assert threads[0] != threading.get_ident() and threads[1] == threading.get_ident()
     assert queue.list() == [] and queue.on_schedule is None
     queue.close()
 
