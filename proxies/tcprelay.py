@@ -83,12 +83,18 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         other = self.other
-        if other is not None and other.transport is not None:
+        relayed = self.relayed
+        # The client's bytes wait in `early` until connect() has sent what came before them:
+        # the server's transport exists (connection_made) before connect() resumes, and a
+        # chunk written straight away then would overtake the early ones (seen under load:
+        # a 3 MB upload arrived reordered).
+        held = self.name == "client" and relayed is not None and not relayed.flowing
+        if other is not None and other.transport is not None and not held:
             other.transport.write(data)
-        elif self.relayed is not None:
+        elif relayed is not None:
             # Reading is paused until the onward connection is up; this only guards the chunk
             # a transport may deliver in the same loop iteration as the pause.
-            self.relayed.early.append(data)
+            relayed.early.append(data)
 
     def eof_received(self) -> bool:
         # TCP half-close (RFC 9293 3.6): a side that is done sending may still receive, as an
@@ -142,6 +148,7 @@ class RelayedConnection:
             side.relayed = self
         self.client.other, self.server.other = self.server, self.client
         self.early: list[bytes] = []
+        self.flowing = False  # the early client bytes are sent: new ones go straight on
         self.error: str | None = None
         self.started = time.monotonic()
         self.done = asyncio.get_running_loop().create_future()
@@ -179,6 +186,7 @@ class RelayedConnection:
         for chunk in self.early:
             server_transport.write(chunk)
         self.early.clear()
+        self.flowing = True
         if self.client.eof:
             self.eof_from(self.client)
         client_transport.resume_reading()

@@ -574,6 +574,20 @@ class Queue:
         """Delay after the `attempts`-th attempt: retry_min, doubling, at most retry_max."""
         return min(self.retry_max, self.retry_min * 2.0 ** max(0, attempts - 1))
 
+    def record_delivered(self, queue_id: str, recipients: tuple[str, ...]) -> AttemptOutcome:
+        """Every recipient still pending at claim() was delivered: the message is done, and
+        leaving is only removing its file from active/ (no state to write, nothing to parse
+        again). Anywhere else (held or deleted meanwhile) it takes record_attempt's way."""
+        path = self._dirs[ACTIVE] / queue_id
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            results = {rcpt: DeliveryResult(250, "2.0.0 Ok") for rcpt in recipients}
+            return self.record_attempt(queue_id, results)
+        with self._lock:
+            self._index.pop(queue_id, None)
+        return AttemptOutcome(queue_id, recipients, removed=True)
+
     def record_attempt(self, queue_id: str,
                        results: Mapping[str, DeliveryResult] | DeliveryResult) -> AttemptOutcome:
         """Record an attempt's replies: a DeliveryResult per pending recipient, or one for the

@@ -202,8 +202,11 @@ class DeliveryAgent:
         queue_id = claimed.queue_id
         try:
             results = await self._attempt(claimed)
-            if all(200 <= r.code < 300 for r in results.values()):
-                # All delivered: record_attempt only removes the file, no fsync; inline.
+            if set(results) >= set(claimed.pending) and all(
+                    200 <= r.code < 300 for r in results.values()):
+                # All delivered: only the file to remove, no fsync, no parse; inline.
+                outcome = self.queue.record_delivered(queue_id, tuple(results))
+            elif all(200 <= r.code < 300 for r in results.values()):
                 outcome = self.queue.record_attempt(queue_id, results)
             else:  # a state record to fsync, perhaps a bounce to queue: off the loop
                 outcome = await asyncio.to_thread(self.queue.record_attempt, queue_id, results)

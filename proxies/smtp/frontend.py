@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import ssl
@@ -91,8 +92,10 @@ class Handler(Protocol):
     def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> Awaitable[str]: ...
 
 
+@functools.lru_cache(maxsize=512)
 def parse_reply(text: str) -> Reply:
-    """A handler's reply string ("250 2.1.5 Ok", or CRLF-joined lines) as a Reply."""
+    """A handler's reply string ("250 2.1.5 Ok", or CRLF-joined lines) as a Reply; the same
+    few strings come back all the time, so they are parsed once."""
     reader = ReplyReader()
     reader.receive_data(text.encode("utf-8", "surrogateescape").rstrip(b"\r\n") + b"\r\n")
     try:
@@ -123,6 +126,7 @@ class SmtpConnection(asyncio.Protocol):
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._paused = False
         self._closed = False
         # STARTTLS: "requested" from our 220 until the handshake starts (plain text then is
@@ -368,8 +372,15 @@ class SmtpConnection(asyncio.Protocol):
     # --- time ---------------------------------------------------------------------------------
 
     def _arm(self, seconds: float) -> None:
+        """The connection times out `seconds` from now. Every read moves the deadline, so
+        the timer is not remade each time (a timer per read was a measurable share of the
+        front end's time): it fires at the old deadline and sleeps on if there was activity."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + seconds
+        if self._timer is not None and self._timer.when() <= self._deadline:
+            return
         self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._timed_out)
+        self._timer = loop.call_at(self._deadline, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -378,6 +389,10 @@ class SmtpConnection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._timed_out)
+            return
         if self._closed or self.transport is None or self.transport.is_closing():
             return
         logs.event("smtp_timeout", conn=self.connection_id,
@@ -396,25 +411,19 @@ def _aiosmtpd_lines(reply: Reply) -> list[str]:
     return [f"250{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)]
 
 
-class MailgateFrontEnd:
-    """Owns the listening sockets and makes one SmtpConnection per accepted connection."""
+class Listening:
+    """What both front ends share: the listening sockets, a protocol per connection."""
 
-    def __init__(self, config: SmtpConfig, handler: Handler,
-                 tls_context: ssl.SSLContext | None, gate: Gate) -> None:
+    def __init__(self, config: SmtpConfig, tls_context: ssl.SSLContext | None,
+                 gate: Gate) -> None:
         self.config = config
-        self.handler = handler
         self.tls_context = tls_context
         self.gate = gate
-        self.limits = ServerLimits(max_recipients=config.max_recipients,
-                                   max_message_size=config.max_message_size)
-        self._prefix = f"{os.getpid()}."
-        self._next_id = 0
         self.servers: list[asyncio.base_events.Server] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def protocol(self) -> SmtpConnection:
-        self._next_id += 1
-        return SmtpConnection(self, f"{self._prefix}{self._next_id}")
+    def protocol(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
 
     async def start(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -429,3 +438,20 @@ class MailgateFrontEnd:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+
+
+class MailgateFrontEnd(Listening):
+    """Makes one SmtpConnection per accepted connection."""
+
+    def __init__(self, config: SmtpConfig, handler: Handler,
+                 tls_context: ssl.SSLContext | None, gate: Gate) -> None:
+        super().__init__(config, tls_context, gate)
+        self.handler = handler
+        self.limits = ServerLimits(max_recipients=config.max_recipients,
+                                   max_message_size=config.max_message_size)
+        self._prefix = f"{os.getpid()}."
+        self._next_id = 0
+
+    def protocol(self) -> SmtpConnection:
+        self._next_id += 1
+        return SmtpConnection(self, f"{self._prefix}{self._next_id}")

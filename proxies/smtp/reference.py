@@ -11,15 +11,13 @@ transcripts and for trying a suspected front-end bug, not for a public MX.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import ssl
 
 from aiosmtpd.smtp import SMTP
 
 from proxies import logs
 from proxies.config import SmtpConfig
-from proxies.smtp.frontend import Gate
+from proxies.smtp.frontend import Gate, Listening
 from proxies.smtp.handler import GatewayHandler, plain_ip
 
 
@@ -51,31 +49,16 @@ class _GatedSMTP(SMTP):
             super().connection_lost(error)
 
 
-class AiosmtpdFrontEnd:
-    """Owns the listening sockets and makes one aiosmtpd SMTP per connection."""
+class AiosmtpdFrontEnd(Listening):
+    """Makes one aiosmtpd SMTP per accepted connection."""
 
     def __init__(self, config: SmtpConfig, handler: GatewayHandler,
                  tls_context: ssl.SSLContext | None, gate: Gate) -> None:
-        self.config = config
+        super().__init__(config, tls_context, gate)
         self.handler = handler
-        self.tls_context = tls_context
-        self.gate = gate
-        self.servers: list[asyncio.base_events.Server] = []
 
     def protocol(self) -> SMTP:
         return _GatedSMTP(self.handler, self.gate, hostname=self.config.hostname,
                           ident="ESMTP mailgate", data_size_limit=self.config.max_message_size,
                           enable_SMTPUTF8=True, decode_data=False, tls_context=self.tls_context,
                           timeout=self.config.command_timeout)
-
-    async def start(self, sockets: list[socket.socket]) -> None:
-        loop = asyncio.get_running_loop()
-        for sock in sockets:
-            self.servers.append(await loop.create_server(self.protocol, sock=sock))
-
-    async def stop(self) -> None:
-        for server in self.servers:
-            server.close()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()

@@ -449,8 +449,17 @@ def test_a_deferral_wakes_the_sleeping_scheduler_at_its_due_time(
         outcomes.append(outcome)
         return outcome
 
+    delivered = queue.record_delivered
+
+    def record_delivered(queue_id: str, recipients: tuple[str, ...]) -> AttemptOutcome:
+        threads.append(threading.get_ident())
+        outcome = delivered(queue_id, recipients)
+        outcomes.append(outcome)
+        return outcome
+
     monkeypatch.setattr(agent, "_attempt", attempt)
     monkeypatch.setattr(queue, "record_attempt", record_attempt)
+    monkeypatch.setattr(queue, "record_delivered", record_delivered)
 
     async def until(done: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + 5
