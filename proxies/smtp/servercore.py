@@ -460,8 +460,8 @@ _TOO_MUCH_DATA: Final = Reply(552, "5.3.4", "Error: Too much mail data")
 _NUL_IN_DATA: Final = Reply(550, "5.6.0", "Message contains NUL characters")
 _DATA_LINE_TOO_LONG: Final = Reply(500, "5.5.2", "Line too long (see RFC5321 4.5.3.1.6)")
 # RFC 3463 5.1.7: bad sender's mailbox syntax; 5.1.3: bad destination mailbox syntax. The
-# texts are RelayPolicy's. Differs from today: aiosmtpd's parser answers what it cannot parse
-# (an unclosed "<", invalid UTF-8) with 553 5.1.3 "Error: malformed address" first.
+# texts are RelayPolicy's. Differs from aiosmtpd (stricter), which accepts a path with an
+# unclosed "<" or invalid UTF-8 (tests/unit/test_smtp_differential.py lists each case).
 _BAD_SENDER: Final = Reply(501, "5.1.7", "Bad sender address syntax")
 _BAD_RECIPIENT: Final = Reply(501, "5.1.3", "Bad recipient address syntax")
 # Differs from today (stricter): RFC 6531 3.4, a UTF-8 address needs SMTPUTF8 on MAIL
@@ -1148,8 +1148,9 @@ class ServerCore:
         mail = self._mail
         assert mail is not None
         refusal: Reply | None = None
-        # The checks in the order the aiosmtpd front end makes them today. Only the content is
-        # looked at: a NUL in commands pipelined after the end of data is theirs to answer.
+        # Size first, then line length, then NUL (for content over both limits aiosmtpd names
+        # the line length instead: a listed difference). Only the content is looked at: a
+        # NUL in commands pipelined after the end of data is theirs to answer.
         if complete.too_big:
             # RFC 5321 4.2.5 / 4.5.3.1.7: the reply waits for the end of data.
             refusal = _TOO_MUCH_DATA
