@@ -77,11 +77,17 @@ class SmtpSink:
         return sink
 
     def dumps(self) -> list[bytes]:
-        """The dumped transactions, oldest first (empty unless started with dump=True)."""
+        """The finished transactions, oldest first (empty unless started with dump=True).
+
+        smtp-sink writes a dump while its transaction runs (the envelope lines first, the
+        content at the end of DATA): one still being written is left out, or a test that sees
+        a new file at once would read it without its recipients (seen under load). A finished
+        dump holds smtp-sink's own Received: line and ends with the empty separator line."""
         if self.dump_dir is None:
             return []
         files = sorted(self.dump_dir.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        return [p.read_bytes() for p in files if p.is_file()]
+        dumps = [p.read_bytes() for p in files if p.is_file()]
+        return [d for d in dumps if b"\nReceived: " in d and d.endswith(b"\n\n")]
 
     def messages(self) -> list[SinkMessage]:
         return [SinkMessage.parse(raw) for raw in self.dumps()]
