@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import poplib
+import re
 import socket
 import ssl
 import struct
@@ -23,7 +24,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from netsetup.lab.peers._common import PeerError, in_netns
+from netsetup.lab.peers._common import PeerError, in_netns, wait_until
 from netsetup.lab.peers.clamd import EICAR, EICAR_FOUND, Clamd
 from netsetup.lab.peers.dns import DnsServer, ZoneData
 from netsetup.lab.peers.dovecot import Dovecot
@@ -160,9 +161,24 @@ def test_smtp_sink_dumps_and_smtp_source_times(lab_factory: LabFactory, tmp_path
     assert dumped.content == content
     sink.stop()
 
-    fast = SmtpSink.start(lab, lab.server, tmp_path / "fast")  # no dumps: a pure sink
+    # No dumps: a pure sink, counting (-c) the sessions, QUITs and messages it took. A rate
+    # bound on `run.seconds` would measure the start of `ip netns exec` and smtp-source as
+    # much as the transfer, so the run is checked by what both ends counted.
+    fast = SmtpSink.start(lab, lab.server, tmp_path / "fast", extra_args=["-c"])
     run = smtp_source(lab, lab.sender, SERVER_V4, 25, count=100, sessions=5, size=4096)
-    assert run.seconds > 0 and run.rate > 10
+    assert run.messages == 100 and run.seconds > 0
+    # smtp-source's own counter (-c): one number per completed DATA, up to 100.
+    counted = [int(token) for token in run.output.split() if token.isdigit()]
+    assert counted and max(counted) == 100, run.output[-200:]
+
+    def sink_counted() -> tuple[str, ...] | None:
+        # sess= also counts the start-up probe's connection (it sends no QUIT).
+        counts = re.findall(r"sess=\d+ quit=(\d+) mesg=(\d+)", fast.log_path.read_text())
+        return counts[-1] if counts else None
+
+    wait_until(lambda: sink_counted() == ("100", "100"),
+               "smtp-sink counting 100 QUITs and 100 messages", 10, fast.process,
+               (fast.log_path,))
     fast.stop()
 
 

@@ -7,19 +7,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
+import os
 import poplib
 import socket
+import tempfile
 import time
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from proxies.pop3 import spool as spool_module
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.service import Pop3Proxy, SharedQuarantine
 from proxies.quarantine import Quarantine
-from proxies.scan.api import ContentScanner
+from proxies.scan.api import ContentScanner, ScanResult
 from tests.unit.test_pop3_support import (
     EICAR,
     FAIL_MARKER,
@@ -232,10 +237,24 @@ def test_scanner_failure_with_fail_mode_pass_adds_a_header() -> None:
     assert content.endswith(FAIL_MARKER + b"\r\n")
 
 
-def test_oversize_passes_unscanned_and_big_messages_spool_to_disk() -> None:
+def test_oversize_passes_unscanned_and_big_messages_spool_to_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     big = message("big", (b"x" * 998 + b"\r\n") * 300)  # about 300 KB
-    config = dataclasses.replace(CONFIG, spool_threshold=64 * 1024, max_scan_size=100 * 1024)
+    config = dataclasses.replace(CONFIG, spool_threshold=64 * 1024, max_scan_size=100 * 1024,
+                                 spool_dir=tmp_path)
     scanner = PatternScanner()
+    # The spool's file is created already unlinked, so it is seen where it is made: each one
+    # is recorded with the folder it was made in and a second descriptor to read its size.
+    spooled: list[tuple[str | None, int]] = []
+
+    def recording_file(*args: Any, **kwargs: Any) -> Any:
+        handle = tempfile.TemporaryFile(*args, **kwargs)  # noqa: SIM115 (the spool closes it)
+        spooled.append((kwargs.get("dir"), os.dup(handle.fileno())))
+        return handle
+
+    monkeypatch.setattr(spool_module, "tempfile",
+                        types.SimpleNamespace(TemporaryFile=recording_file))
+    caplog.set_level(logging.INFO, logger="mailgate")
 
     def client(port: int) -> bytes:
         pop = login(port)
@@ -245,15 +264,42 @@ def test_oversize_passes_unscanned_and_big_messages_spool_to_disk() -> None:
 
     assert run(with_proxy([big], client, scanner=scanner, config=config)) == big
     assert scanner.scans == 0
+    try:
+        # One file, in spool_dir, that held the whole message (and nothing is left there).
+        assert [folder for folder, _fd in spooled] == [str(tmp_path)]
+        assert os.fstat(spooled[0][1]).st_size == len(big)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        for _folder, fd in spooled:
+            os.close(fd)
+    [logged] = [getattr(r, "fields", {}) for r in caplog.records
+                if r.getMessage() == "pop3_message"]
+    assert logged["spooled"] is True and logged["size"] == len(big), logged
+    assert logged["verdict"] == "oversize", logged
 
 
 def test_slow_scan_keeps_the_client_alive_and_stays_byte_identical() -> None:
     slow = message("slow", SLOW_MARKER + b"\r\n", trace=3)
-    config = dataclasses.replace(CONFIG, keepalive_after=0.3, keepalive_interval=0.2)
+    after, interval, scan_seconds = 0.3, 0.2, 1.5
+    config = dataclasses.replace(CONFIG, keepalive_after=after, keepalive_interval=interval)
     arrivals: list[tuple[float, bytes]] = []
+    sent_at: list[float] = []
+
+    class TimedScanner(PatternScanner):
+        """The scan window as the proxy lived it: when the scan began and ended."""
+
+        window: tuple[float, float] | None = None
+
+        async def scan(self, content: bytes) -> ScanResult:
+            began = time.monotonic()
+            try:
+                return await super().scan(content)
+            finally:
+                self.window = (began, time.monotonic())
 
     def client(port: int) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sent_at.append(time.monotonic())
             sock.sendall(b"USER bob\r\nPASS secret\r\nRETR 1\r\nQUIT\r\n")
             data = b""
             while not data.endswith(b"+OK bye\r\n"):
@@ -264,11 +310,29 @@ def test_slow_scan_keeps_the_client_alive_and_stays_byte_identical() -> None:
                 data += chunk
             return data
 
-    data = run(with_proxy([slow], client, scanner=PatternScanner(slow=1.5), config=config))
-    assert data.endswith(b"+OK %d octets\r\n" % len(slow) + slow + b".\r\n+OK bye\r\n")
-    # The status line and then single bytes of the trace fields came while the scan ran.
-    early = [chunk for _when, chunk in arrivals if len(chunk) == 1]
-    assert len(early) >= 3, arrivals
+    scanner = TimedScanner(slow=scan_seconds)
+    data = run(with_proxy([slow], client, scanner=scanner, config=config))
+    status = b"+OK %d octets\r\n" % len(slow)
+    assert data.endswith(status + slow + b".\r\n+OK bye\r\n")
+    assert scanner.window is not None
+    began, ended = scanner.window
+    # When each byte of the stream arrived (however the recv() calls cut it).
+    arrived: list[float] = []
+    for when, chunk in arrivals:
+        arrived += [when] * len(chunk)
+    status_end = data.index(status) + len(status)  # offset of the message's first byte
+    status_at = arrived[status_end - 1]
+    # The status line was held back for `after`, then sent while the scan still ran ...
+    assert status_at - sent_at[0] >= after, (status_at - sent_at[0])
+    assert began < status_at < ended, (began, status_at, ended)
+    # ... and then the message's first bytes (its trace fields), one per interval: those that
+    # arrived before the verdict, no more than the keep-alive steps the window had room for.
+    early = [when for when in arrived[status_end:] if when < ended]
+    steps = 1 + int((ended - status_at) / interval)
+    assert 3 <= len(early) <= steps + 1, (len(early), steps, arrivals)
+    assert all(when >= status_at for when in early)
+    # Spread over the window, not sent together at its end.
+    assert early[-1] - early[0] >= (len(early) - 2) * interval * 0.5, early
 
 
 # --- a misbehaving server -------------------------------------------------------------------------

@@ -188,20 +188,56 @@ def test_directory_fsync_failure_fails_the_batch_and_removes_it(
     queue.close()
 
 
-def test_cancelled_accept_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["inline", "writer-thread"])
+def test_cancelled_accept_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         path: str) -> None:
+    """A caller cancelled before the commit leaves nothing, however its message was being
+    written: a small one on the loop (the committer drops it), a big one by a writer thread
+    (its file goes once the write ends). The test waits for the discard itself, no sleep: the
+    writer thread is held until the caller is gone, so the cancel lands mid-write."""
     queue = make_queue(tmp_path)
+    content = CONTENT
+    written, release = threading.Event(), threading.Event()
+    if path == "writer-thread":
+        content = CONTENT + b"x" * store_module.INLINE_WRITE_LIMIT
+        real_write = store_module._write_new_file
+
+        def held_write(target: Path, chunks: list[bytes], sync: bool = True) -> None:
+            real_write(target, chunks, sync)
+            written.set()
+            assert release.wait(10)
+
+        monkeypatch.setattr(store_module, "_write_new_file", held_write)
+    discarded: list[Path] = []
 
     async def go() -> None:
-        task = asyncio.create_task(queue.accept(envelope(), CONTENT))
-        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        real_discard = queue._discard
+
+        def discard(tmp: Path) -> None:  # runs on the loop, in both cases
+            real_discard(tmp)
+            discarded.append(tmp)
+            done.set()
+
+        monkeypatch.setattr(queue, "_discard", discard)
+        task = asyncio.create_task(queue.accept(envelope(), content))
+        if path == "inline":
+            await asyncio.sleep(0)  # one step: written, waiting for the committer
+        else:
+            assert await loop.run_in_executor(None, written.wait, 10)
+        assert len(files(tmp_path, "incoming")) == 1  # its temporary file is there
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.2)  # let the writer thread finish and clean up
+        release.set()
+        await asyncio.wait_for(done.wait(), 5)
 
     asyncio.run(go())
+    assert [p.parent.name for p in discarded] == ["incoming"]
     assert files(tmp_path, "incoming") == []
     queue.close()
+    assert not any(files(tmp_path, d) for d in ("incoming", "active", "deferred"))
 
 
 # --- recovery -------------------------------------------------------------------------------
