@@ -6,8 +6,10 @@ The zone is a JSON object {name: {TYPE: [values]}}; MX values are [preference, e
 pairs, every other type takes its usual text form ("198.51.100.25", "2001:db8:2::25",
 "v=spf1 -all" for TXT...). A name in the zone answers its records (NOERROR and no records
 when it has none of the type asked); any other name is NXDOMAIN. Every answer is
-authoritative (AA). UDP and TCP (RFC 7766: a 2-byte length before each message) on the same
-address and port. Parsing and building messages is dnspython's; only the lookup is ours.
+authoritative (AA), except for the names given with --servfail, which get SERVFAIL (a broken
+zone, as a recursive resolver reports it). UDP and TCP (RFC 7766: a 2-byte length before each
+message) on the same address and port. Parsing and building messages is dnspython's; only the
+lookup is ours.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def load_zone(data: ZoneData) -> Zone:
     return zone
 
 
-def answer(zone: Zone, wire: bytes) -> bytes | None:
-    """The response to one query in wire form; None for something that is not a query."""
+def answer(zone: Zone, wire: bytes,
+           servfail: frozenset[dns.name.Name] = frozenset()) -> bytes | None:
+    """The response to one query in wire form; None for something that is not a query.
+    Questions for a name in `servfail` get SERVFAIL, whatever the zone holds."""
     try:
         query = dns.message.from_wire(wire)
     except Exception:
@@ -74,7 +78,10 @@ def answer(zone: Zone, wire: bytes) -> bytes | None:
         return response.to_wire()
     question = query.question[0]
     records = zone.get(question.name)
-    if records is None:
+    if question.name in servfail:
+        response.flags &= ~dns.flags.AA
+        response.set_rcode(dns.rcode.SERVFAIL)
+    elif records is None:
         response.set_rcode(dns.rcode.NXDOMAIN)
     else:
         wanted = list(records) if question.rdtype == dns.rdatatype.ANY else [question.rdtype]
@@ -90,7 +97,7 @@ class _UDPHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         data, sock = self.request
-        reply = answer(self.server.zone, data)
+        reply = answer(self.server.zone, data, self.server.servfail)
         if reply is not None:
             sock.sendto(reply, self.client_address)
 
@@ -104,7 +111,7 @@ class _TCPHandler(socketserver.StreamRequestHandler):
             if len(size) < 2:
                 return
             data = self.rfile.read(int.from_bytes(size, "big"))
-            reply = answer(self.server.zone, data)
+            reply = answer(self.server.zone, data, self.server.servfail)
             if reply is None:
                 return
             self.wfile.write(len(reply).to_bytes(2, "big") + reply)
@@ -114,9 +121,11 @@ class _UDPServer(socketserver.ThreadingUDPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], zone: Zone) -> None:
+    def __init__(self, address: tuple[str, int], zone: Zone,
+                 servfail: frozenset[dns.name.Name] = frozenset()) -> None:
         self.address_family = family_of(address[0])
         self.zone = zone
+        self.servfail = servfail
         super().__init__(address, _UDPHandler)
 
 
@@ -124,9 +133,11 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], zone: Zone) -> None:
+    def __init__(self, address: tuple[str, int], zone: Zone,
+                 servfail: frozenset[dns.name.Name] = frozenset()) -> None:
         self.address_family = family_of(address[0])
         self.zone = zone
+        self.servfail = servfail
         super().__init__(address, _TCPHandler)
 
 
@@ -150,19 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zone", required=True,
                         help='JSON object, or @FILE: {"example.com.": {"MX": [[10, '
                              '"mx.example.com."]], "A": ["198.51.100.25"]}}')
+    parser.add_argument("--servfail", action="append", default=[], metavar="NAME",
+                        help="answer SERVFAIL for NAME (may be repeated)")
     args = parser.parse_args(argv)
     try:
         text = Path(args.zone[1:]).read_text() if args.zone.startswith("@") else args.zone
         zone = load_zone(json.loads(text))
         listens = [parse_listen(item) for item in args.listen]
+        servfail = frozenset(dns.name.from_text(name) for name in args.servfail)
     except (OSError, ValueError, dns.exception.DNSException) as exc:
         print(f"{parser.prog}: bad zone or address: {exc}", file=sys.stderr)
         return 2
     servers: list[socketserver.BaseServer] = []
     try:
         for address in listens:
-            servers.append(_UDPServer(address, zone))
-            servers.append(_TCPServer(address, zone))
+            servers.append(_UDPServer(address, zone, servfail))
+            servers.append(_TCPServer(address, zone, servfail))
     except OSError as exc:
         print(f"{parser.prog}: cannot listen: {exc}", file=sys.stderr)
         return 1
@@ -195,8 +209,9 @@ class DnsServer:
     @classmethod
     def start(cls, lab: Lab, host: Host, zone: ZoneData,
               dir: Path, *, address: str | None = None, port: int = 53,
-              timeout: float = 15.0) -> DnsServer:
-        """Serve `zone` on address:port in `host` (default: the host's own IPv4 address)."""
+              servfail: Sequence[str] = (), timeout: float = 15.0) -> DnsServer:
+        """Serve `zone` on address:port in `host` (default: the host's own IPv4 address);
+        the names in `servfail` answer SERVFAIL."""
         load_zone(zone)  # fail here, not in the child, on a bad zone
         dir.mkdir(parents=True, exist_ok=True)
         zone_path = dir / "zone.json"
@@ -205,7 +220,7 @@ class DnsServer:
         listen_host = address or host.ipv4 or "127.0.0.1"
         listen = f"[{listen_host}]:{port}" if ":" in listen_host else f"{listen_host}:{port}"
         argv = [sys.executable, "-m", "netsetup.lab.peers.dns", "--listen", listen,
-                "--zone", f"@{zone_path}"]
+                "--zone", f"@{zone_path}", *(f"--servfail={name}" for name in servfail)]
         started = time.monotonic()
         with log_path.open("ab") as log:
             process = lab.spawn(host, argv, stdout=log, stderr=subprocess.STDOUT,
