@@ -240,10 +240,9 @@ class DeliveryAgent:
                 hop = await resolve_next_hop(self.config, domain, envelope.original_destination,
                                              envelope.client_address, self.spoof_source)
             except NoRoute as exc:
-                code = 550 if exc.permanent else 451
-                status = "5.1.2" if exc.permanent else "4.4.3"
                 for rcpt in rcpts:
-                    results[rcpt] = DeliveryResult(code, f"{status} {exc}", connected=False)
+                    results[rcpt] = DeliveryResult(exc.code, f"{exc.status} {exc}",
+                                                   connected=False)
                 continue
             results.update(await self._send_to_hop(claimed, hop, rcpts))
         return results

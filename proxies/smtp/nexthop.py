@@ -30,11 +30,16 @@ class NextHop:
 
 
 class NoRoute(Exception):
-    """No address for the domain; `permanent` says whether a retry could help."""
+    """No address for the domain; `permanent` says whether a retry could help. `code` and
+    `status` are the reply the recipients get: by default 550 5.1.2 (RFC 3463: bad destination
+    system address) when permanent, 451 4.4.3 (directory server failure) when not."""
 
-    def __init__(self, message: str, permanent: bool) -> None:
+    def __init__(self, message: str, permanent: bool, code: int | None = None,
+                 status: str | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.code = code or (550 if permanent else 451)
+        self.status = status or ("5.1.2" if permanent else "4.4.3")
 
 
 def _same_family(a: str, b: str) -> bool:
@@ -95,7 +100,9 @@ async def _mx_addresses(domain: str) -> Sequence[tuple[str, int]]:
         raise NoRoute(f"MX lookup for {domain} failed: {exc}", permanent=False) from None
     if len(exchanges) == 1 and exchanges[0][1] in ("", "."):
         # RFC 7505 null MX: the domain accepts no mail.
-        raise NoRoute(f"domain {domain} accepts no mail (null MX)", permanent=True)
+        # RFC 7505 3: 556 with 5.1.10, "recipient address has null MX" (RFC 7505 4.2).
+        raise NoRoute(f"domain {domain} accepts no mail (null MX)", permanent=True, code=556,
+                      status="5.1.10")
     addresses: list[tuple[str, int]] = []
     for _preference, host in exchanges:
         addresses += [(a, 25) for a in await _lookup_host(host)]
