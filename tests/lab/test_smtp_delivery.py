@@ -133,7 +133,9 @@ def test_swaks_through_the_gateway(setup: Setup, family: int) -> None:
     assert expected_client.encode() in ours
     assert f"by {GATEWAY_HOSTNAME} (mailgate) with ESMTP id {qid}".encode() in ours
     assert delivery.client_address == sender_address(setup.lab, family)
-    # The message's whole story is in the log under its queue id.
+    # The message's whole story is in the log under its queue id (the last line is written
+    # after the server's 250, so it may come a moment after the message is in the mailbox).
+    setup.gateway.wait_event("delivery_attempt_done", qid=qid)
     events = {e["event"] for e in setup.gateway.events(qid=qid)}
     assert {"smtp_accepted", "delivery", "delivery_attempt_done"} <= events, events
     (delivered,) = setup.gateway.events("delivery", qid=qid)
