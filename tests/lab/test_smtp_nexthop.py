@@ -174,6 +174,11 @@ def wait_arrival(env: Env, gateway: Gateway, expected: str, subject: str,
         raise AssertionError(f"{exc}\nqueue: {gateway.queue_list()}") from None
     assert where() == [expected], f"{subject!r} arrived at {where()}, not at {expected}"
     (got,) = with_subject(env.sinks()[expected], subject)
+    # The gateway logs the delivery once the sink's 250 is back: a moment after the sink has
+    # the message. Wait for that line (by the queue id in our Received header).
+    found = re.search(rb"\(mailgate\) with \w+ id ([0-9A-F]+)", got.content)
+    if found is not None:
+        gateway.wait_event("delivery_attempt_done", qid=found.group(1).decode())
     return got
 
 
