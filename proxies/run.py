@@ -242,18 +242,13 @@ async def _serve_started(config: Config, queue: Queue, agent: DeliveryAgent,
 WORKER_READY = "ready"  # "ready SLOT PID": the worker listens
 
 
-class _SlotGate(ConnectionGate):
-    """The front end's connection gate over one worker's slot of the master's counts."""
+class _SlotGate:
+    """The front end's connection gate (proxies.smtp.frontend.Gate) over one worker's slot of
+    the master's counts."""
 
-    def __init__(self, counts: ConnectionSlots, slot: int) -> None:  # no super(): no own counts
-        self.total = counts.total
-        self.per_client = counts.per_client
+    def __init__(self, counts: ConnectionSlots, slot: int) -> None:
         self.counts = counts
         self.slot = slot
-
-    @property
-    def count(self) -> int:  # type: ignore[override]
-        return self.counts.count
 
     def admit(self, client: str) -> bool:
         return self.counts.admit(self.slot, client)
@@ -367,7 +362,7 @@ class _Acceptors:
             self._reading = False
 
 
-async def serve_acceptor(config: Config, notify_fd: int, gate: ConnectionGate,
+async def serve_acceptor(config: Config, notify_fd: int, gate: Gate,
                          slot: int) -> int:
     """A worker: the SMTP front end only; each queued id goes to the master's pipe."""
     queue = _open_queue(config)

@@ -85,7 +85,11 @@ def _write_error(exc: OSError, what: str) -> QueueWriteError:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _fsync_path(path, os.O_DIRECTORY)
+
+
+def _fsync_path(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
@@ -133,14 +137,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Content up to this size is written from the event loop straight into the page cache (tens of
@@ -312,7 +308,7 @@ class Queue:
             try:
                 if not synced:
                     try:
-                        _fsync_file(tmp)
+                        _fsync_path(tmp)
                     except OSError as exc:
                         raise _write_error(exc, "write queue file") from exc
                 self._publish(tmp, incoming / queue_id)

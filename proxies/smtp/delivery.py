@@ -206,8 +206,6 @@ class DeliveryAgent:
                     200 <= r.code < 300 for r in results.values()):
                 # All delivered: only the file to remove, no fsync, no parse; inline.
                 outcome = self.queue.record_delivered(queue_id, tuple(results))
-            elif all(200 <= r.code < 300 for r in results.values()):
-                outcome = self.queue.record_attempt(queue_id, results)
             else:  # a state record to fsync, perhaps a bounce to queue: off the loop
                 outcome = await asyncio.to_thread(self.queue.record_attempt, queue_id, results)
             logs.event("delivery_attempt_done", qid=queue_id, outcome=str(outcome))

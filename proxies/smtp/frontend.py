@@ -320,9 +320,8 @@ class SmtpConnection(asyncio.Protocol):
         assert self.session is not None
         envelope = self.envelope
         envelope.content = envelope.original_content = event.content
-        if event.bare_line_ending is not None:
-            # The handler's own smuggling check finds it again and applies the config.
-            pass
+        # The core's reader has looked for bare CR/LF already: the handler need not again.
+        envelope.mailgate_bare_line_ending = event.bare_line_ending  # type: ignore[attr-defined]
         self._arm(self.config.command_timeout)
         try:
             reply = parse_reply(await self.front.handler.handle_DATA(self, self.session,

@@ -35,6 +35,8 @@ from proxies.smtp.dataframe import (
 )
 from proxies.transparent import original_destination
 
+_NOT_LOOKED = object()
+
 # RFC 5321 6.3 suggests 100 hops; Postfix's hopcount_limit is 50, which the issue asks for.
 MAX_RECEIVED_HEADERS = 50
 
@@ -173,7 +175,11 @@ class GatewayHandler:
             return "550 5.6.0 Message contains NUL characters"
         # SMTP smuggling (CVE-2023-51764): a bare LF or CR is how a client hides a second
         # message that another server would see end at "\n.\n"; only CRLF is a line end.
-        if find_bare_line_endings(content) is not None:
+        # Our front end's reader found them already; aiosmtpd's did not look.
+        bare = getattr(envelope, "mailgate_bare_line_ending", _NOT_LOOKED)
+        if bare is _NOT_LOOKED:
+            bare = find_bare_line_endings(content)
+        if bare is not None:
             if self.config.bare_line_endings == "reject":
                 logs.warning("smtp_bare_line_ending", conn=client.connection_id,
                              client=client.client_address)
