@@ -29,7 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SERVER = "198.51.100.25"
-SMTP_LISTEN = 10025
 SPAMD_PORT = 7783
 WORDS = (
     "meeting", "report", "budget", "quarter", "invoice", "project", "schedule", "review", "draft",
@@ -123,7 +122,6 @@ def bench(count: int, concurrency: int) -> None:
 [network]
 mode = "router"
 intercept = ["smtp"]
-listen = {{ smtp = {SMTP_LISTEN} }}
 ipv6 = false
 spoof_source = false
 [smtp]

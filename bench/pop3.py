@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dovecot.deliver("small", message(f"small {n}", line * (5000 // len(line))))
         Clamd.start(lab, lab.gateway, work / "clamd", tcp=None)
         network = work / "network.toml"
-        network.write_text(network_config(lab, spoof=True))
+        network.write_text(network_config(lab, spoof=True) + "[pop3]\nenabled = true\n")
         apply_with_netsetup(lab, network, work / "netsetup-state.json")
         sender = lab.sender.ipv4
         assert sender is not None

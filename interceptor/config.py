@@ -182,8 +182,10 @@ def interceptor_from_section(section: Section) -> InterceptorConfig:
 
 def check_against_network(section: Section, config: InterceptorConfig, network_mark: int) -> None:
     """Problems only the two sections together show."""
-    if config.enabled and config.mark & network_mark:
-        section.problem("mark", f"{config.mark:#x} overlaps [network] mark {network_mark:#x}: "
-                        "the decision bit must be separate from the TPROXY bit")
+    if config.enabled:
+        section.check("the interceptor's mark is not network.mark", "mark",
+                      not config.mark & network_mark,
+                      f"{config.mark:#x} overlaps [network] mark {network_mark:#x}: the "
+                      "decision bit must be separate from the TPROXY bit")
 
 

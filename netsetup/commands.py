@@ -37,8 +37,17 @@ FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER_STEP"
 
 
 def load_config(path: Path) -> NetworkConfig:
-    """Read [network] and check it against this system; raises ConfigError, touching nothing."""
-    config = load_network_config(path)
+    """Read [network] and check it against this system; raises ConfigError, touching nothing.
+
+    The whole file is checked, as `mailgate run` checks it (and `mailgate config check` shows
+    it): a config the proxies would refuse at start is refused before the network is changed
+    to hand them connections."""
+    try:
+        from proxies.config import load_config as load_whole_file
+    except ImportError:  # netsetup installed without the proxies: [network] is all there is
+        config = load_network_config(path)
+    else:
+        config = load_whole_file(path).network
     problems = live_problems(config, links.read_links(), path)
     if problems:
         raise ConfigError(problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,8 +13,12 @@ from netsetup.configfile import ConfigError, Network, Section, read_toml
 if TYPE_CHECKING:
     from interceptor.config import InterceptorConfig
 
-# Service name -> (destination port it intercepts, default local port of its proxy).
+# Service name -> (destination port it intercepts, default local port of its proxy). The port a
+# proxy listens on is set in one place, its own section ([smtp] listen, [pop3] listen): netsetup
+# steers intercepted connections there and `mailgate run` listens there, so the two cannot differ.
 SERVICES = {"smtp": (25, 10025), "pop3": (110, 10110)}
+# Whether each proxy runs when its section says nothing ([pop3] enabled; SMTP always runs).
+PROXY_DEFAULTS = {"smtp": True, "pop3": False}
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 
@@ -98,27 +103,59 @@ class NetworkConfig:
         return None
 
 
-def network_from_section(section: Section) -> NetworkConfig:
+@dataclass(frozen=True)
+class Proxy:
+    """What [network] needs to know of one proxy's own section."""
+
+    enabled: bool
+    listen_port: int
+
+
+def proxies_from_sections(smtp: Section, pop3: Section) -> dict[str, Proxy]:
+    """Each proxy's listen port and whether it runs, read from its own section (the same keys,
+    and the same Section objects, the proxies' loaders read)."""
+    proxies = {"smtp": Proxy(True, smtp.port("listen", SERVICES["smtp"][1]))}
+    proxies["pop3"] = Proxy(pop3.boolean("enabled", PROXY_DEFAULTS["pop3"]),
+                            pop3.port("listen", SERVICES["pop3"][1]))
+    if proxies["pop3"].enabled:
+        pop3.check("the proxies listen on ports of their own", "listen",
+                   proxies["smtp"].listen_port != proxies["pop3"].listen_port,
+                   f"is smtp.listen too ({proxies['pop3'].listen_port}): the two proxies need "
+                   "ports of their own")
+    return proxies
+
+
+def network_from_section(section: Section,
+                         proxies: Mapping[str, Proxy] | None = None) -> NetworkConfig:
+    """[network], given the proxies it hands connections to (default: each proxy's defaults)."""
+    if proxies is None:
+        proxies = {name: Proxy(PROXY_DEFAULTS[name], port)
+                   for name, (_, port) in SERVICES.items()}
     mode = section.choice("mode", ("router", "bridge"), "router")
     bridge = section.converted("bridge", _ifname, "br0")
     ports = section.list_of("ports", _ifname)
     addresses = section.list_of("addresses", _interface_address)
-    services = section.string_list("intercept", ("smtp", "pop3"))
-    listen = section.table("listen")
+    # Not given: every service whose proxy runs. Given: each named service's proxy must run,
+    # or its connections would be taken towards a port nobody listens on.
+    running = tuple(name for name in SERVICES if proxies[name].enabled)
+    services = section.string_list("intercept", running)
+    if "listen" in section.data:
+        section.table("listen")
+        section.problem("listen", "has moved: each proxy's port is set once, in its own section "
+                        "([smtp] listen, [pop3] listen), and netsetup reads it from there")
     intercept = []
     for service in services:
         if service not in SERVICES:
             section.problem("intercept", f"unknown service {service!r} (known: smtp, pop3)")
             continue
-        dport, default_listen = SERVICES[service]
-        port = listen.get(service, default_listen)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            section.problem(f"listen.{service}", f"expected a port number, got {port!r}")
-            port = default_listen
-        intercept.append(Interception(service, dport, port))
-    for key in listen:
-        if key not in SERVICES:
-            section.problem(f"listen.{key}", "unknown service (known: smtp, pop3)")
+        if not section.check(
+                f"intercepted {service} has its proxy running", "intercept",
+                proxies[service].enabled,
+                f"names {service!r} but {service}.enabled is false: its connections would go "
+                f"to port {proxies[service].listen_port}, where nothing listens (set "
+                f"[{service}] enabled = true, or drop {service!r} from intercept)"):
+            continue
+        intercept.append(Interception(service, SERVICES[service][0], proxies[service].listen_port))
     config = NetworkConfig(
         mode=mode,
         bridge=bridge,
@@ -141,43 +178,44 @@ def network_from_section(section: Section) -> NetworkConfig:
 
 def _check_combinations(section: Section, config: NetworkConfig) -> None:
     """Problems no single key shows: keys that contradict the mode or each other."""
-    given = section.data
+    check = section.check
     if config.mode == "bridge":
-        if len(config.ports) < 2:
-            section.problem("ports", "bridge mode needs at least two member interfaces")
-        if len(set(config.ports)) != len(config.ports):
-            section.problem("ports", "names an interface twice")
-        if config.bridge in config.ports:
-            section.problem("ports", f"holds the bridge itself ({config.bridge!r})")
-        if not config.spoof_source and not config.addresses:
-            section.problem("spoof_source",
-                            "false needs 'addresses': without spoofing the proxy connects onward "
-                            "from an address of its own on the bridge")
+        check("a bridge has two ports or more", "ports", len(config.ports) >= 2,
+              "bridge mode needs at least two member interfaces")
+        check("bridge ports are distinct", "ports", len(set(config.ports)) == len(config.ports),
+              "names an interface twice")
+        check("the bridge is not one of its ports", "ports", config.bridge not in config.ports,
+              f"holds the bridge itself ({config.bridge!r})")
+        check("without spoofing, the bridge has an address to connect from", "spoof_source",
+              config.spoof_source or bool(config.addresses),
+              "false needs 'addresses': without spoofing the proxy connects onward "
+              "from an address of its own on the bridge")
     else:
         for key in ("ports", "bridge", "addresses", "bridged_networks", "egress_mark",
                     "egress_table"):
-            if key in given:
-                section.problem(key, 'only used in bridge mode (mode = "bridge")')
-    if config.egress_mark & config.mark:
-        section.problem("egress_mark", f"shares bits with mark ({config.mark:#x}): the proxies' "
-                                       "own packets would be delivered locally")
-    if config.egress_table == config.route_table:
-        section.problem("egress_table", "is route_table: the two need tables of their own")
+            section.unused[key] = "bridge mode only"
+            check(f"router mode sets no {key}", key, not section.given(key),
+                  'only used in bridge mode (mode = "bridge")')
+    check("egress_mark and mark are separate bits", "egress_mark",
+          not config.egress_mark & config.mark,
+          f"shares bits with mark ({config.mark:#x}): the proxies' own packets would be "
+          "delivered locally")
+    check("egress_table and route_table differ", "egress_table",
+          config.egress_table != config.route_table,
+          "is route_table: the two need tables of their own")
     services = [item.service for item in config.intercept]
-    if len(set(services)) != len(services):
-        section.problem("intercept", "names a service twice")
-    listen_ports = [item.listen_port for item in config.intercept]
-    if len(set(listen_ports)) != len(listen_ports):
-        section.problem("listen", "two services share one listen port")
+    check("each service is intercepted once", "intercept", len(set(services)) == len(services),
+          "names a service twice")
     if not config.ipv6:
         v6_keys = (("bypass_sources", config.bypass_sources),
                    ("bypass_destinations", config.bypass_destinations),
                    ("bridged_networks", config.bridged_networks))
         for key, nets in v6_keys:
-            if any(n.version == 6 for n in nets):
-                section.problem(key, "holds an IPv6 network but ipv6 = false")
-        if any(":" in address for address in config.addresses):
-            section.problem("addresses", "holds an IPv6 address but ipv6 = false")
+            check(f"ipv6 = false: {key} holds no IPv6 network", key,
+                  not any(n.version == 6 for n in nets), "holds an IPv6 network but ipv6 = false")
+        check("ipv6 = false: addresses holds no IPv6 address", "addresses",
+              not any(":" in address for address in config.addresses),
+              "holds an IPv6 address but ipv6 = false")
 
 
 def with_interceptor(config: NetworkConfig,
@@ -188,19 +226,37 @@ def with_interceptor(config: NetworkConfig,
 
     interceptor = interceptor_from_section(section)
     check_against_network(section, interceptor, config.mark)
+    intercepted = {item.service for item in config.intercept}
+    for name in interceptor.services or ():
+        if name in SERVICES:
+            section.check(f"the interceptor's {name} is intercepted", "services",
+                          name in intercepted,
+                          f"names {name!r}, which network.intercept does not intercept: the "
+                          "interceptor only ever sees intercepted services")
     if interceptor.enabled:
         config = replace(config, queue_steering=QueueSteering(
             interceptor.queue, interceptor.mark, fail_open=interceptor.fail == "open"))
     return config, interceptor
 
 
+def network_from_sections(
+        sections: Mapping[str, Section]) -> tuple[NetworkConfig, InterceptorConfig]:
+    """[network] and [interceptor], checked against the proxies' own sections: the one place
+    netsetup (`load_network_config`) and `mailgate run` (proxies/config.py) both go through."""
+    proxies = proxies_from_sections(sections["smtp"], sections["pop3"])
+    return with_interceptor(network_from_section(sections["network"], proxies),
+                            sections["interceptor"])
+
+
 def load_network_config(path: Path) -> NetworkConfig:
-    """Read and check [network] and [interceptor]; other sections are left to their loaders."""
+    """Read and check [network] and [interceptor], and the keys of [smtp] and [pop3] they
+    depend on; the rest of those sections is left to the proxies' loaders."""
     data: dict[str, Any] = read_toml(path)
-    section = Section(path, "network", data.get("network"))
-    interceptor = Section(path, "interceptor", data.get("interceptor"))
-    config, _ = with_interceptor(network_from_section(section), interceptor)
-    problems = section.finish() + interceptor.finish()
+    sections = {name: Section(path, name, data.get(name))
+                for name in ("network", "interceptor", "smtp", "pop3")}
+    config, _ = network_from_sections(sections)
+    problems = (sections["network"].finish() + sections["interceptor"].finish()
+                + sections["smtp"].problems + sections["pop3"].problems)
     if problems:
         raise ConfigError(problems)
     return config

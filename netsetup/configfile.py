@@ -36,6 +36,15 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
+class Check:
+    """One cross-check a loader made (a rule no single key shows), and its outcome:
+    `mailgate config check` lists them all, passed or not."""
+
+    name: str
+    problem: Problem | None = None
+
+
+@dataclass(frozen=True)
 class Problem:
     path: str
     key: str
@@ -157,18 +166,47 @@ class Section:
         self.name = name
         self.data: Mapping[str, Any] = data or {}
         self.problems: list[Problem] = []
+        self.checks: list[Check] = []
+        # Every key a loader asked for, in order, with its default and the value it got: what
+        # `mailgate config check` prints as the effective config.
+        self.defaults: dict[str, Any] = {}
+        self.values: dict[str, Any] = {}
+        # Keys this config has no use for (bridge keys in router mode), with why.
+        self.unused: dict[str, str] = {}
         self._read: set[str] = set()
 
     def problem(self, key: str, message: str) -> None:
-        self.problems.append(Problem(self.path, f"{self.name}.{key}", message))
+        # Two loaders may read one key (netsetup's and the proxies' both read [smtp] listen): a
+        # bad value is still one problem.
+        problem = Problem(self.path, f"{self.name}.{key}", message)
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+    def check(self, name: str, key: str, ok: bool, message: str) -> bool:
+        """A cross-check named `name`: when not `ok`, `message` is a problem with `key`."""
+        problem = None if ok else Problem(self.path, f"{self.name}.{key}", message)
+        self.checks.append(Check(name, problem))
+        if problem is not None and problem not in self.problems:
+            self.problems.append(problem)
+        return ok
+
+    def given(self, key: str) -> bool:
+        return key in self.data
 
     def _get(self, key: str, default: Any) -> Any:
         self._read.add(key)
+        self.defaults.setdefault(key, None if default is _MISSING else default)
         if key not in self.data:
             if default is _MISSING:
                 self.problem(key, "is required")
+            self.values.setdefault(key, self.defaults[key])
             return default
+        self.values[key] = self.data[key]
         return self.data[key]
+
+    def _got(self, key: str, value: T) -> T:
+        self.values[key] = value
+        return value
 
     def typed(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
         if key not in self.data:
@@ -178,10 +216,10 @@ class Section:
         # bool is an int in Python; a config that says `port = true` is a mistake.
         if isinstance(value, bool) and bool not in kinds:
             self.problem(key, f"expected {_kind_names(kinds)}, got a boolean")
-            return default
+            return self._got(key, default)
         if not isinstance(value, kinds):
             self.problem(key, f"expected {_kind_names(kinds)}, got {type(value).__name__}")
-            return default
+            return self._got(key, default)
         return value  # type: ignore[return-value]
 
     def string(self, key: str, default: str = _MISSING) -> str:
@@ -214,13 +252,15 @@ class Section:
 
     def converted(self, key: str, convert: Callable[[Any], T], default: T) -> T:
         self._read.add(key)
+        self.defaults.setdefault(key, default)
         if key not in self.data:
+            self.values.setdefault(key, default)
             return default
         try:
-            return convert(self.data[key])
+            return self._got(key, convert(self.data[key]))
         except ValueError as exc:
             self.problem(key, str(exc))
-            return default
+            return self._got(key, default)
 
     def duration(self, key: str, default: float) -> float:
         return self.converted(key, parse_duration, default)

@@ -10,7 +10,7 @@ from pathlib import Path
 from interceptor import cli as interceptor_cli
 from netsetup.configfile import DEFAULT_CONFIG_PATH, ConfigError
 from netsetup.lab import cli as lab_cli
-from proxies import tcprelay
+from proxies import configcheck, tcprelay
 from proxies.quarantine import cli as quarantine_cli
 from proxies.queue import cli as queue_cli
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
                      help=f"the TOML config file (default: {DEFAULT_CONFIG_PATH})")
     run.set_defaults(handler=_run)
+    configcheck.add_commands(commands)  # config check
     lab_cli.add_commands(commands)
     queue_cli.add_commands(commands)
     quarantine_cli.add_commands(commands)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from interceptor.config import InterceptorConfig
-from netsetup.config import NetworkConfig, network_from_section, with_interceptor
+from netsetup.config import SERVICES, NetworkConfig, network_from_sections
 from netsetup.configfile import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -38,8 +38,7 @@ def _domain(value: object) -> str:
 
 @dataclass(frozen=True)
 class SmtpConfig:
-    enabled: bool = True
-    listen_port: int = 10025
+    listen_port: int = SERVICES["smtp"][1]
     hostname: str = field(default_factory=socket.gethostname)
     relay_domains: tuple[str, ...] = ()
     relay_networks: tuple[Network, ...] = ()
@@ -112,10 +111,9 @@ def _smtp_from_section(section: Section) -> SmtpConfig:
     next_hop = section.converted("next_hop", parse_hostport, None)
     tls_cert = section.converted("tls_cert", lambda v: Path(str(v)), None)
     tls_key = section.converted("tls_key", lambda v: Path(str(v)), None)
-    if (tls_cert is None) != (tls_key is None):
-        section.problem("tls_cert", "tls_cert and tls_key go together")
+    section.check("smtp tls_cert and tls_key go together", "tls_cert",
+                  (tls_cert is None) == (tls_key is None), "tls_cert and tls_key go together")
     config = SmtpConfig(
-        enabled=section.boolean("enabled", True),
         listen_port=section.port("listen", defaults.listen_port),
         hostname=section.string("hostname", defaults.hostname),
         relay_domains=section.list_of("relay_domains", _domain),
@@ -145,8 +143,8 @@ def _smtp_from_section(section: Section) -> SmtpConfig:
         workers=section.integer("workers", defaults.workers, 1, 64),
         frontend=section.choice("frontend", ("mailgate", "aiosmtpd"), "mailgate"),
     )
-    if config.retry_min > config.retry_max:
-        section.problem("retry_min", "must not be larger than retry_max")
+    section.check("retry_min is at most retry_max", "retry_min",
+                  config.retry_min <= config.retry_max, "must not be larger than retry_max")
     if config.max_message_size < 1024:
         section.problem("max_message_size", "must be at least 1024 bytes")
     return config
@@ -160,28 +158,37 @@ def _log_from_section(section: Section) -> LogConfig:
 
 
 def config_from_data(path: Path, data: dict[str, Any]) -> Config:
+    config, _, problems = read_sections(path, data)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_sections(path: Path, data: dict[str, Any]
+                  ) -> tuple[Config, dict[str, Section], list[Problem]]:
+    """The config (meaningful only when there are no problems), every section as its loader
+    read it (keys, defaults, values, cross-checks: see `mailgate config check`), and every
+    problem."""
     sections = {
         name: Section(path, name, data.get(name))
         for name in ("network", "smtp", "pop3", "scan", "policy", "quarantine", "log",
                      "interceptor")
     }
-    network, interceptor = with_interceptor(network_from_section(sections["network"]),
-                                            sections["interceptor"])
+    network, interceptor = network_from_sections(sections)
+    scan = scan_from_sections(sections["scan"], sections["policy"], sections["quarantine"])
     config = Config(
         path=path,
         network=network,
         smtp=_smtp_from_section(sections["smtp"]),
-        pop3=pop3_from_section(sections["pop3"]),
-        scan=scan_from_sections(sections["scan"], sections["policy"], sections["quarantine"]),
+        pop3=pop3_from_section(sections["pop3"], scan.policy.subject_prefix),
+        scan=scan,
         log=_log_from_section(sections["log"]),
         interceptor=interceptor,
     )
     problems: list[Problem] = []
     for section in sections.values():
         problems += section.finish()
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return config, sections, problems
 
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:

@@ -19,7 +19,7 @@
     banned = "replace"
     fail_mode = "tempfail"        # scanner failed: "tempfail" (-ERR, left on the server) or "pass"
     oversize_action = "pass"      # "pass" or "tempfail"
-    subject_prefix = "[SPAM] "    # "" = tag with headers only
+    subject_prefix = "[SPAM] "    # only to differ from [policy] subject_prefix (the default)
     scan_top = true               # scan TOP responses too (fetchmail keep mode uses TOP)
     tls = "terminate"             # "terminate", "passthrough" or "strip"
     tls_cert = ""                 # with tls_key; "" = a self-signed one made at first start
@@ -33,7 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from netsetup.config import PROXY_DEFAULTS, SERVICES
 from netsetup.configfile import Section
+from proxies.scan.config import PolicyConfig, subject_prefix
 
 __all__ = ["Pop3Config", "pop3_from_section"]
 
@@ -42,8 +44,8 @@ TLS_MODES = ("terminate", "passthrough", "strip")
 
 @dataclass(frozen=True)
 class Pop3Config:
-    enabled: bool = False
-    listen_port: int = 10110
+    enabled: bool = PROXY_DEFAULTS["pop3"]
+    listen_port: int = SERVICES["pop3"][1]
     max_connections: int = 200
     max_connections_per_client: int = 20
     client_timeout: float = 600.0
@@ -60,7 +62,7 @@ class Pop3Config:
     banned_action: str = "replace"
     fail_mode: str = "tempfail"
     oversize_action: str = "pass"
-    subject_prefix: str = "[SPAM] "
+    subject_prefix: str = PolicyConfig.subject_prefix
     scan_top: bool = True
     tls: str = "terminate"
     tls_cert: Path | None = None
@@ -75,8 +77,11 @@ def _path_or_none(value: object) -> Path | None:
     return Path(value) if value else None
 
 
-def pop3_from_section(section: Section) -> Pop3Config:
+def pop3_from_section(section: Section, policy_prefix: str | None = None) -> Pop3Config:
+    """[pop3]; `policy_prefix` is [policy] subject_prefix, used unless [pop3] sets its own."""
     d = Pop3Config()
+    if policy_prefix is None:
+        policy_prefix = d.subject_prefix
     config = Pop3Config(
         enabled=section.boolean("enabled", d.enabled),
         listen_port=section.port("listen", d.listen_port),
@@ -98,7 +103,7 @@ def pop3_from_section(section: Section) -> Pop3Config:
         fail_mode=section.choice("fail_mode", ("tempfail", "pass"), d.fail_mode),
         oversize_action=section.choice("oversize_action", ("pass", "tempfail"),
                                        d.oversize_action),
-        subject_prefix=section.string("subject_prefix", d.subject_prefix),
+        subject_prefix=subject_prefix(section, policy_prefix),
         scan_top=section.boolean("scan_top", d.scan_top),
         tls=section.choice("tls", TLS_MODES, d.tls),
         tls_cert=section.converted("tls_cert", _path_or_none, None),
@@ -106,8 +111,9 @@ def pop3_from_section(section: Section) -> Pop3Config:
         cache_ttl=section.duration("cache_ttl", d.cache_ttl),
         hostname=section.string("hostname", d.hostname),
     )
-    if (config.tls_cert is None) != (config.tls_key is None):
-        section.problem("tls_cert", "tls_cert and tls_key go together")
+    section.check("pop3 tls_cert and tls_key go together", "tls_cert",
+                  (config.tls_cert is None) == (config.tls_key is None),
+                  "tls_cert and tls_key go together")
     for key, value in (("client_timeout", config.client_timeout),
                        ("server_timeout", config.server_timeout),
                        ("connect_timeout", config.connect_timeout),
@@ -117,8 +123,4 @@ def pop3_from_section(section: Section) -> Pop3Config:
             section.problem(key, "must be more than 0")
     if config.spool_threshold < 64 * 1024:
         section.problem("spool_threshold", "must be at least 64K")
-    if "\r" in config.subject_prefix or "\n" in config.subject_prefix:
-        section.problem("subject_prefix", "must be one line")
-    elif not config.subject_prefix.isascii():
-        section.problem("subject_prefix", "must be ASCII (it goes into a header unencoded)")
     return config

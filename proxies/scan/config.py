@@ -87,7 +87,9 @@ class PolicyConfig:
     banned: str = "reject"
     spam: str = "tag"
     spam_reject_score: float | None = None
-    subject_prefix: str = ""
+    # Put in front of a spam-tagged message's Subject, by the SMTP and the POP3 proxy alike
+    # ([pop3] subject_prefix overrides it for POP3 only when given). "" = headers only.
+    subject_prefix: str = "[SPAM] "
     banned_extensions: tuple[str, ...] = ()
     banned_mime_types: tuple[str, ...] = ()
     max_attachment_size: int = 0
@@ -232,6 +234,19 @@ def _header_rule(value: object) -> HeaderRule:
     return HeaderRule(header, pattern, str(action))
 
 
+def subject_prefix(section: Section, default: str) -> str:
+    """`subject_prefix` of [policy] or [pop3]: one line of ASCII, since it goes into a header
+    as it is (RFC 5322 2.2; an encoded word would need the rest of the Subject decoded)."""
+    value = section.string("subject_prefix", default)
+    if "\r" in value or "\n" in value:
+        section.problem("subject_prefix", "must be one line")
+        return default
+    if not value.isascii():
+        section.problem("subject_prefix", "must be ASCII (it goes into a header unencoded)")
+        return default
+    return value
+
+
 def _policy(section: Section) -> PolicyConfig:
     defaults = PolicyConfig()
     reject_score = section.typed("spam_reject_score", (int, float), None)
@@ -240,7 +255,7 @@ def _policy(section: Section) -> PolicyConfig:
         banned=section.choice("banned", ACTIONS, defaults.banned),
         spam=section.choice("spam", ACTIONS, defaults.spam),
         spam_reject_score=None if reject_score is None else float(reject_score),
-        subject_prefix=section.string("subject_prefix", defaults.subject_prefix),
+        subject_prefix=subject_prefix(section, defaults.subject_prefix),
         banned_extensions=section.list_of("banned_extensions", _extension),
         banned_mime_types=section.list_of("banned_mime_types", _mime_type),
         max_attachment_size=section.size("max_attachment_size", 0),
@@ -269,9 +284,6 @@ def scan_from_sections(scan: Section, policy: Section, quarantine: Section) -> S
     spamd = _scanner(scan, "spamd", lambda v: parse_socket_address(v, 783), shared)
     rspamd = _scanner(scan, "rspamd", parse_http_address, shared)
     fail_mode = scan.choice("fail_mode", ("tempfail", "pass"), defaults.fail_mode)
-    subject_prefix = policy.data.get("subject_prefix")
-    if isinstance(subject_prefix, str) and any(c in subject_prefix for c in "\r\n"):
-        policy.problem("subject_prefix", "must not contain a line break")
     return ScanConfig(
         clamd=clamd,
         spamd=spamd,
@@ -300,4 +312,5 @@ __all__ = [
     "parse_http_address",
     "parse_socket_address",
     "scan_from_sections",
+    "subject_prefix",
 ]

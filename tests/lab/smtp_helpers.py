@@ -61,7 +61,6 @@ def network_section(lab: Lab) -> dict[str, TomlValue]:
     section: dict[str, TomlValue] = {
         "mode": lab.mode,
         "intercept": ["smtp"],
-        "listen": {"smtp": SMTP_LISTEN},
         "ipv6": True,
         "spoof_source": True,
     }
@@ -106,6 +105,7 @@ class Gateway:
 
     def write_config(self, **smtp: TomlValue) -> None:
         settings: dict[str, TomlValue] = {
+            "listen": SMTP_LISTEN,
             "hostname": GATEWAY_HOSTNAME,
             "queue_dir": str(self.queue_dir),
             "relay_domains": [SERVER_DOMAIN],

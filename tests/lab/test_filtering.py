@@ -34,17 +34,15 @@ from tests.unit.scan_messages import plain, with_attachments, zipped
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-SMTP_LISTEN = 10025
 SERVER = "198.51.100.25"
 SPAMD_PORT = 7783
 HUNG_PORT = 3399
 HUNG_TIMEOUT = 2.0
 
-NETWORK = f"""\
+NETWORK = """\
 [network]
 mode = "router"
 intercept = ["smtp"]
-listen = {{ smtp = {SMTP_LISTEN} }}
 ipv6 = false
 spoof_source = false
 """

@@ -74,7 +74,6 @@ def network_config(lab: Lab, spoof: bool) -> str:
         "[network]",
         f'mode = "{lab.mode}"',
         'intercept = ["smtp", "pop3"]',
-        f"listen = {{ smtp = {SMTP_LISTEN}, pop3 = {POP3_LISTEN} }}",
         "ipv6 = true",
         f"spoof_source = {'true' if spoof else 'false'}",
         f"bypass_sources = {json.dumps(bypass)}",
@@ -86,6 +85,12 @@ def network_config(lab: Lab, spoof: bool) -> str:
             # Without spoofing the relay connects from an address of the gateway's.
             lines.append(f"addresses = {json.dumps(list(lab.bridge_management_addresses()))}")
     return "\n".join(lines) + "\n"
+
+
+# The ports the relay listens on, as the proxies' own sections set them (netsetup reads them
+# there); the relay stands in for both proxies, so both count as running.
+RELAY_AS_PROXIES = (f"[smtp]\nlisten = {SMTP_LISTEN}\n"
+                    f"[pop3]\nenabled = true\nlisten = {POP3_LISTEN}\n")
 
 
 def apply_with_netsetup(lab: Lab, config: Path, state: Path) -> None:
@@ -182,7 +187,7 @@ def setup(request: pytest.FixtureRequest, lab_factory: LabFactory,
         apply_by_hand(lab, spoof)
     else:
         config = tmp_path / "mailgate.toml"
-        config.write_text(network_config(lab, spoof))
+        config.write_text(network_config(lab, spoof) + RELAY_AS_PROXIES)
         apply_with_netsetup(lab, config, tmp_path / "netsetup-state.json")
     yield Setup(lab, relay, server, spoof)
 

@@ -37,7 +37,6 @@ def config_text(lab: Lab, stats: Path, fail: str = "open", extra: tuple[str, ...
     lines = [
         "[network]",
         f'mode = "{lab.mode}"',
-        "listen = { smtp = 10025, pop3 = 10110 }",
     ]
     if lab.mode == "bridge":
         # An invisible bridge: a bypassed connection is routed on through the egress table.
@@ -51,6 +50,12 @@ def config_text(lab: Lab, stats: Path, fail: str = "open", extra: tuple[str, ...
         "stats_interval = 0.1",
         f'stats_file = "{stats}"',
         *extra,
+        # The relay stands in for both proxies, on their ports (netsetup reads them here).
+        "[smtp]",
+        "listen = 10025",
+        "[pop3]",
+        "enabled = true",
+        "listen = 10110",
     ]
     return "\n".join(lines) + "\n"
 

@@ -54,6 +54,8 @@ def write_config(tmp_path: Path, name: str, text: str) -> Path:
 ROUTER = """[network]
 mode = "router"
 bypass_sources = ["192.0.2.99/32", "2001:db8:1::99/128"]
+[pop3]
+enabled = true  # so both services are intercepted by default
 """
 ROUTER_CHANGED = """[network]
 mode = "router"
@@ -65,6 +67,8 @@ mode = "bridge"
 ports = ["eth0", "eth1"]
 bridged_networks = ["192.0.2.0/24", "2001:db8:1::/64"]
 bypass_sources = ["192.0.2.99/32"]
+[pop3]
+enabled = true  # so both services are intercepted by default
 """
 BRIDGE_ADOPT_CHANGED = """[network]
 mode = "bridge"
@@ -72,12 +76,16 @@ ports = ["eth0", "eth1"]
 intercept = ["pop3"]
 bridged_networks = ["192.0.2.0/24", "2001:db8:1::/64"]
 bypass_destinations = ["192.0.2.26/32", "2001:db8:1::26/128"]
+[pop3]
+enabled = true
 """
 BRIDGE_CREATE = """[network]
 mode = "bridge"
 ports = ["eth0", "eth1"]
 addresses = ["192.0.2.2/24", "2001:db8:1::2/64"]
 bridged_networks = ["192.0.2.0/24", "198.18.0.0/15"]
+[pop3]
+enabled = true  # so both services are intercepted by default
 """
 
 

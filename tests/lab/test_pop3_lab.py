@@ -205,7 +205,7 @@ def _gateway(lab: Lab, tmp_path: Path, tls: bool = False) -> Gateway:
     Clamd.start(lab, lab.gateway, tmp_path / "clamd", tcp=None)
     Spamd.start(lab, lab.gateway, tmp_path / "spamd")
     config = tmp_path / "network.toml"
-    config.write_text(network_config(lab, spoof=True))
+    config.write_text(network_config(lab, spoof=True) + "[pop3]\nenabled = true\n")
     apply_with_netsetup(lab, config, tmp_path / "netsetup-state.json")
     return Gateway(lab, dovecot, tmp_path)
 

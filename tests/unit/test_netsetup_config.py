@@ -20,14 +20,41 @@ def problems_of(tmp_path: Path, text: str) -> list[str]:
     return [str(p).replace(f"{path}: ", "") for p in caught.value.problems]
 
 
-def test_defaults_are_a_router_intercepting_both_services(tmp_path: Path) -> None:
+def test_defaults_are_a_router_intercepting_what_runs(tmp_path: Path) -> None:
     path = tmp_path / "mailgate.toml"
     path.write_text("[network]\n")
     config = load_network_config(path)
     assert config.mode == "router"
-    assert [(i.service, i.port, i.listen_port) for i in config.intercept] == [
-        ("smtp", 25, 10025), ("pop3", 110, 10110)]
+    # The POP3 proxy is off unless [pop3] enabled = true, so port 110 is left alone.
+    assert [(i.service, i.port, i.listen_port) for i in config.intercept] == [("smtp", 25, 10025)]
     assert config.families == (4, 6)
+    path.write_text("[pop3]\nenabled = true\n")
+    assert [(i.service, i.port, i.listen_port) for i in load_network_config(path).intercept] == [
+        ("smtp", 25, 10025), ("pop3", 110, 10110)]
+
+
+def test_netsetup_steers_to_the_port_each_proxy_listens_on(tmp_path: Path) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text('[smtp]\nlisten = 2525\nhostname = "read by mailgate, not netsetup"\n'
+                    '[pop3]\nenabled = true\nlisten = 1110\n')
+    assert [(i.service, i.listen_port) for i in load_network_config(path).intercept] == [
+        ("smtp", 2525), ("pop3", 1110)]
+
+
+def test_intercepting_a_service_needs_its_proxy(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nintercept = ["smtp", "pop3"]\n')
+    assert len(problems) == 1
+    assert problems[0].startswith("network.intercept: names 'pop3' but pop3.enabled is false: "
+                                  "its connections would go to port 10110, where nothing listens")
+    problems = problems_of(tmp_path, '[network]\nintercept = ["pop3"]\n'
+                                     '[pop3]\nenabled = false\n')
+    assert len(problems) == 1 and "pop3.enabled is false" in problems[0]
+
+
+def test_the_old_network_listen_table_is_refused_with_where_it_went(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, '[network]\nlisten = { smtp = 2525 }\n')
+    assert problems == ["network.listen: has moved: each proxy's port is set once, in its own "
+                        "section ([smtp] listen, [pop3] listen), and netsetup reads it from there"]
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
@@ -36,13 +63,14 @@ mode = "brigde"
 ipv6 = "yes"
 bypass_sources = ["192.0.2.0/24", "198.51.100.300/32"]
 bypas_destinations = []
-listen = { smtp = 0 }
+[smtp]
+listen = 0
 """)
     assert "network.mode: must be one of 'router', 'bridge', got 'brigde'" in problems
     assert "network.ipv6: expected true or false, got str" in problems
     assert "network.bypass_sources[1]: not an IP network: '198.51.100.300/32'" in problems
     assert "network.bypas_destinations: unknown key" in problems
-    assert "network.listen.smtp: expected a port number, got 0" in problems
+    assert "smtp.listen: must be at least 1, got 0" in problems
 
 
 def test_bridge_mode_needs_two_ports_and_spoofing_or_an_address(tmp_path: Path) -> None:
@@ -92,8 +120,10 @@ def test_services_and_listen_ports_must_not_repeat(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, '[network]\nintercept = ["smtp", "smtp", "imap"]\n')
     assert "network.intercept: names a service twice" in problems
     assert "network.intercept: unknown service 'imap' (known: smtp, pop3)" in problems
-    problems = problems_of(tmp_path, '[network]\nlisten = { smtp = 9000, pop3 = 9000 }\n')
-    assert problems == ["network.listen: two services share one listen port"]
+    problems = problems_of(tmp_path, '[smtp]\nlisten = 9000\n[pop3]\nenabled = true\n'
+                                     'listen = 9000\n')
+    assert problems == ["pop3.listen: is smtp.listen too (9000): the two proxies need ports of "
+                        "their own"]
 
 
 def test_interfaces_are_checked_against_the_live_system(tmp_path: Path) -> None:
