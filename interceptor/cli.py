@@ -37,9 +37,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     intercept.set_defaults(handler=_intercept)
     status = subparsers.add_parser(
         "status", help="show what is running: interceptor counters and health, proxies, "
-                       "kernel queue",
+                       "kernel queue, metrics",
         description="A quick look at the running gateway, from the config, the interceptor's "
-                    "stats file, the kernel's NFQUEUE table and the listening sockets.")
+                    "stats file, the kernel's NFQUEUE table and the listening sockets; with "
+                    "[metrics] listen set, also the figures the metrics endpoint serves, "
+                    "read from the same place it reads them.")
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
                         help=f"the TOML config file (default: {DEFAULT_CONFIG_PATH})")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -65,6 +67,7 @@ def _intercept(args: argparse.Namespace) -> int:
     from interceptor.service import serve
     from proxies import logs
 
+
     try:
         settings = settings_from(args.config)
     except ConfigError as exc:
@@ -79,6 +82,8 @@ def _intercept(args: argparse.Namespace) -> int:
 def gather_status(path: Path) -> dict[str, Any]:
     from interceptor import queuestate, sockdiag
     from interceptor.service import read_stats
+    from proxies.config import load_config
+    from proxies.metrics.status import metrics_status
 
     settings = settings_from(path)
     config = settings.interceptor
@@ -111,6 +116,8 @@ def gather_status(path: Path) -> dict[str, Any]:
             "waiting": bound.waiting, "queue_dropped": bound.queue_dropped,
             "user_dropped": bound.user_dropped},
         "proxies": proxies,
+        # [metrics]: what the exporter serves, collected here the way it collects it.
+        "metrics": metrics_status(load_config(path)),
     }
 
 
@@ -175,4 +182,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"proxy {proxy['service']} ipv{proxy['family']} port {proxy['port']}: {listening}"
               + (f", {proxy['accept_queue']} waiting to be accepted"
                  if proxy["accept_queue"] else ""))
+    from proxies.metrics.status import metrics_lines
+
+    for line in metrics_lines(status["metrics"]):
+        print(line)
     return 0

@@ -23,6 +23,7 @@ from netsetup.configfile import (
     parse_hostport,
     read_toml,
 )
+from proxies.metrics.config import MetricsConfig, metrics_from_section
 from proxies.pop3.config import Pop3Config, pop3_from_section
 from proxies.scan.config import ScanConfig, scan_from_sections
 
@@ -97,6 +98,7 @@ class Config:
     scan: ScanConfig
     log: LogConfig
     interceptor: InterceptorConfig = field(default_factory=InterceptorConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _smtp_from_section(section: Section) -> SmtpConfig:
@@ -172,7 +174,7 @@ def read_sections(path: Path, data: dict[str, Any]
     sections = {
         name: Section(path, name, data.get(name))
         for name in ("network", "smtp", "pop3", "scan", "policy", "quarantine", "log",
-                     "interceptor")
+                     "interceptor", "metrics")
     }
     network, interceptor = network_from_sections(sections)
     scan = scan_from_sections(sections["scan"], sections["policy"], sections["quarantine"])
@@ -184,6 +186,7 @@ def read_sections(path: Path, data: dict[str, Any]
         scan=scan,
         log=_log_from_section(sections["log"]),
         interceptor=interceptor,
+        metrics=metrics_from_section(sections["metrics"]),
     )
     problems: list[Problem] = []
     for section in sections.values():

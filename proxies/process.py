@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from proxies import logs
+from proxies import logs, metrics
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Supervisor:
         self._started_at: dict[int, float] = {}
         self._delay = [backoff.first] * count
         self._respawns: dict[int, asyncio.TimerHandle] = {}
+        self._started_slots: set[int] = set()  # a start in one of these is a restart
         self._exits: collections.deque[float] = collections.deque()
         self._none_left = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -137,6 +138,9 @@ class Supervisor:
             return
         self.slots[pid] = slot
         self._started_at[pid] = time.monotonic()
+        if slot in self._started_slots:
+            metrics.current.worker_restart(self.name)
+        self._started_slots.add(slot)
         self._none_left.clear()
         self._watch(pid)
         logs.event("worker_started", worker=self.name, slot=slot, pid=pid)

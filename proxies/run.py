@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from proxies import eventloop, logs, sdnotify
 from proxies.config import Config
 from proxies.filtering import MessageFilter
+from proxies.metrics import exporter as metrics_exporter
 from proxies.process import ConnectionSlots, Supervisor
 from proxies.queue import Queue, QueueError
 from proxies.scan.filter import build_filter, build_scanner
@@ -135,6 +136,10 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
     """The master: delivery scheduler, POP3, and the SMTP front end unless `acceptors`
     workers run it (started here once the queue is recovered, and kept up)."""
     smtp = config.smtp
+    # [metrics]: before any worker exists, which counts into the directory made here.
+    metrics_dir = metrics_exporter.shared_dir(config)
+    with _starting(f"metrics directory {metrics_dir} (metrics.dir)"):
+        metrics_exporter.start_master(config)
     queue = _open_queue(config)
     pid_file = smtp.queue_dir / "master.pid"
     with _starting(f"queue directory {smtp.queue_dir} (smtp.queue_dir)"):
@@ -167,11 +172,21 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, workers.stopping, stop)
+    exporter = None
+    if config.metrics.enabled:
+        exporter = metrics_exporter.Exporter(config)
+        with _starting(f"metrics: cannot listen on {config.metrics.listen_text} "
+                       "(metrics.listen)"):
+            exporter.start()
+        logs.event("metrics_listening", listen=config.metrics.listen_text, dir=str(metrics_dir))
     try:
         return await _serve_started(config, queue, agent, front, pop3, stop, workers)
     finally:
         if workers is not None:  # also when something above failed: no worker outlives us
             await workers.stop(2.0)
+        if exporter is not None:
+            await exporter.stop()
+        metrics_exporter.stop_recording()
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
 
@@ -263,6 +278,7 @@ class _Acceptors:
 
     def __init__(self, config: Config, queue: Queue, wake: Callable[[], None]) -> None:
         smtp = config.smtp
+        self.config = config
         self.queue = queue
         self.wake = wake
         # The master keeps the write end open: respawned workers get the same pipe.
@@ -297,6 +313,7 @@ class _Acceptors:
             logs.event("worker_connections_released", worker="smtp", slot=slot, pid=pid,
                        connections=held)
         self.ready.discard(pid)
+        metrics_exporter.worker_gone(self.config, pid)
         # It may have linked a message into incoming/ and died before telling us (its client
         # got no 250, but the file is complete): look at the directories, as after a restart.
         self.queue.rescan()
@@ -404,6 +421,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     counts = ConnectionSlots(smtp.workers, smtp.max_connections,
                              smtp.max_connections_per_client, fd=args.connections_fd)
     try:
+        metrics_exporter.start_worker(config)  # [metrics]: into the master's directory
         return eventloop.run(serve_acceptor(config, args.notify_fd,
                                             _SlotGate(counts, args.slot), args.slot))
     except StartupError as exc:

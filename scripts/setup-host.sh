@@ -12,6 +12,8 @@ packages=(
   # swaks speaks IPv6 only with this, a mere Recommends (and we install without those).
   libio-socket-inet6-perl
   openssl
+  # The metrics lab test scrapes the gateway with a real Prometheus (offline, in the lab).
+  prometheus
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxies import logs
+from proxies import logs, metrics
 from proxies.pop3 import rewrite, states
 from proxies.pop3.cache import CacheKey, ScanCache
 from proxies.pop3.codec import (
@@ -666,6 +666,7 @@ class Pop3Session:
         if quarantine_id:
             fields["quarantine"] = quarantine_id
         logs.event("pop3_message", **fields)
+        metrics.current.pop3_retrieval(outcome, fields["verdict"])
         if outcome == "tempfail":
             reason = ("message too large to scan" if result is None or result.oversize
                       else "content scanner failed")

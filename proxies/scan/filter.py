@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxies import logs
+from proxies import logs, metrics
 from proxies.filtering import Action, FilterInput, FilterVerdict, MessageFilter, NoFilter
 from proxies.quarantine import Quarantine
 from proxies.scan.api import ContentScanner, ScanResult
@@ -141,6 +141,7 @@ class ScanFilter:
         result = await self.scanner.scan(content)
         action, why = self.decide(result, content)
         verdict = await self.act(action, why, result, message, content)
+        metrics.current.filter_verdict(result.verdict, verdict.action)
         fields: dict[str, Any] = {"verdict": result.verdict, "action": verdict.action,
                   "scanners": ",".join(result.scanners), "sender": message.sender or "<>",
                   "rcpts": ",".join(message.recipients), "client": message.client_address,

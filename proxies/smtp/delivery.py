@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 
-from proxies import logs
+from proxies import logs, metrics
 from proxies.config import SmtpConfig
 from proxies.queue import ClaimedMessage, DeliveryResult, Queue
 from proxies.smtp import client as smtp_client
@@ -209,6 +209,8 @@ class DeliveryAgent:
             else:  # a state record to fsync, perhaps a bounce to queue: off the loop
                 outcome = await asyncio.to_thread(self.queue.record_attempt, queue_id, results)
             logs.event("delivery_attempt_done", qid=queue_id, outcome=str(outcome))
+            metrics.current.deliveries(len(outcome.delivered), len(outcome.deferred),
+                                       len(outcome.bounced))
             if outcome.bounced:
                 logs.event("bounced", qid=queue_id, rcpts=",".join(outcome.bounced),
                            dsn=outcome.dsn_id or "none (null sender)")
@@ -217,9 +219,11 @@ class DeliveryAgent:
             raise
         except Exception as exc:  # a bug: keep the message, log, and try again later
             logs.error("delivery_internal_error", qid=queue_id, exc_info=True, error=repr(exc))
-            await asyncio.to_thread(self.queue.record_attempt, queue_id, {
+            outcome = await asyncio.to_thread(self.queue.record_attempt, queue_id, {
                 rcpt: DeliveryResult(451, f"4.3.0 internal error: {exc!r}")
                 for rcpt in claimed.pending})
+            metrics.current.deliveries(len(outcome.delivered), len(outcome.deferred),
+                                       len(outcome.bounced))
         finally:
             self._in_flight.discard(queue_id)
             self._slots.release()

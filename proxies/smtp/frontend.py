@@ -33,7 +33,7 @@ from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import Envelope, Session
 
-from proxies import logs
+from proxies import logs, metrics
 from proxies.config import SmtpConfig
 from proxies.smtp.errors import RemoteProtocolError
 from proxies.smtp.handler import ClientInfo, format_hostport, plain_ip
@@ -67,6 +67,9 @@ _CONTENT_REFUSALS: dict[tuple[int, str | None], str] = {
     (552, "5.3.4"): "smtp_message_too_big",
     (500, "5.5.2"): "smtp_data_line_too_long",
 }
+# ... and as the metrics name them (mailgate_smtp_messages_total{result="rejected",reason}).
+_REFUSAL_REASONS = {"smtp_nul_in_data": "nul", "smtp_message_too_big": "too_big",
+                    "smtp_data_line_too_long": "line_too_long"}
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 
@@ -134,6 +137,9 @@ class SmtpConnection(asyncio.Protocol):
         # is already decrypted, the client's first command under TLS: kept for the core).
         self._tls_phase: str | None = None
         self._tls_early = bytearray()
+        # Replies by class, told to the metrics once, when the connection ends: an increment
+        # of a shared counter per reply would cost more than the rest of this bookkeeping.
+        self.replies = metrics.new_reply_counts()
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -152,17 +158,19 @@ class SmtpConnection(asyncio.Protocol):
         if not self.front.gate.admit(self.client.client_address):
             logs.warning("smtp_connection_refused", conn=self.connection_id,
                          client=self.client.client_address, reason="connection limit")
-            transport.write(self.core.shutdown(TOO_MANY_CONNECTIONS))
+            metrics.current.smtp_connection("refused")
+            transport.write(self._shutdown(TOO_MANY_CONNECTIONS))
             self._closed = True
             transport.close()
             return
         self._admitted = True
+        metrics.current.smtp_connection("accepted")
         self.session = Session(asyncio.get_running_loop())
         self.session.peer = peer
         self.session.mailgate_client = self.client  # type: ignore[attr-defined]
         logs.event("smtp_connect", conn=self.connection_id, client=self.client.client_address,
                    destination=format_hostport(self.client.original_destination))
-        transport.write(self.core.send(self.core.greeting_reply))
+        transport.write(self._send(self.core.greeting_reply))
         self._arm(self.config.command_timeout)
         self._task = asyncio.get_running_loop().create_task(
             self._serve(), name=f"smtp-{self.connection_id}")
@@ -195,6 +203,8 @@ class SmtpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_timer()
+        replies, self.replies = self.replies, metrics.new_reply_counts()
+        metrics.current.smtp_replies(replies)
         if self._admitted and self.client is not None:
             self._admitted = False
             self.front.gate.release(self.client.client_address)
@@ -228,7 +238,7 @@ class SmtpConnection(asyncio.Protocol):
                        error=repr(exc))
             if not self._closed and self.transport is not None:
                 with contextlib.suppress(Exception):
-                    self.transport.write(self.core.shutdown(INTERNAL_ERROR))
+                    self.transport.write(self._shutdown(INTERNAL_ERROR))
             self._close()
 
     async def _loop(self) -> None:
@@ -239,10 +249,10 @@ class SmtpConnection(asyncio.Protocol):
                 self._write(out)
                 await self._wait_input()
             elif isinstance(event, Command):
-                out.append(self.core.send(await self._answer(event)))
+                out.append(self._send(await self._answer(event)))
             elif isinstance(event, MessageReceived):
                 self._write(out)  # e.g. the 354's reply went out long ago; nothing waits
-                out.append(self.core.send(await self._message(event)))
+                out.append(self._send(await self._message(event)))
             elif isinstance(event, TlsHandshake):
                 self._write(out)
                 if not await self._start_tls(event):
@@ -251,6 +261,16 @@ class SmtpConnection(asyncio.Protocol):
                 self._write(out)
                 self._close()
                 return
+
+    def _send(self, reply: Reply) -> bytes:
+        self.replies[reply.code // 100] += 1
+        return self.core.send(reply)
+
+    def _shutdown(self, reply: Reply) -> bytes:
+        data = self.core.shutdown(reply)
+        if data:
+            self.replies[reply.code // 100] += 1
+        return data
 
     def _write(self, out: list[bytes]) -> None:
         if out:
@@ -279,6 +299,7 @@ class SmtpConnection(asyncio.Protocol):
             if content is not None:
                 logs.warning(content, conn=self.connection_id,
                              client=self.client.client_address if self.client else "-")
+                metrics.current.smtp_message("rejected", _REFUSAL_REASONS[content])
             else:
                 logs.debug("smtp_refused", conn=self.connection_id, command=event.command,
                            reason=event.reason, reply=str(event.reply))
@@ -329,6 +350,7 @@ class SmtpConnection(asyncio.Protocol):
         except Exception as exc:
             logs.error("smtp_internal_error", exc_info=True, conn=self.connection_id,
                        error=repr(exc))
+            metrics.current.smtp_message("tempfailed", "internal_error")
             reply = INTERNAL_ERROR
         self.envelope = Envelope()
         return reply
@@ -397,7 +419,7 @@ class SmtpConnection(asyncio.Protocol):
         logs.event("smtp_timeout", conn=self.connection_id,
                    client=self.client.client_address if self.client else "-")
         # RFC 5321 3.8: say 421 before closing, so the client knows it was not a crash.
-        self.transport.write(self.core.shutdown(self.core.timeout_reply))
+        self.transport.write(self._shutdown(self.core.timeout_reply))
         self._closed = True
         self._close()
         if self._task is not None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session
 
-from proxies import logs
+from proxies import logs, metrics
 from proxies.config import SmtpConfig
 from proxies.filtering import FilterInput, MessageFilter
 from proxies.queue import Envelope as QueueEnvelope
@@ -39,6 +39,10 @@ _NOT_LOOKED = object()
 
 # RFC 5321 6.3 suggests 100 hops; Postfix's hopcount_limit is 50, which the issue asks for.
 MAX_RECEIVED_HEADERS = 50
+# A refused RCPT's enhanced status (addresses.RelayPolicy) as a metrics label.
+_RCPT_REFUSALS = {"5.7.1": "relay_denied", "5.1.3": "bad_address", "5.5.2": "not_fqdn"}
+# What the filter's verdict means for mailgate_smtp_messages_total's result label.
+_FILTER_RESULTS = {"reject": "rejected", "tempfail": "tempfailed"}
 
 
 @dataclass
@@ -153,9 +157,11 @@ class GatewayHandler:
                           address: str, rcpt_options: list[str]) -> str:
         client = self._client(server, session)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            metrics.current.smtp_recipient_refused("too_many_recipients")
             return "452 4.5.3 Error: too many recipients"
         verdict = self.relay.check_recipient(address, client.client_address)
         if not verdict.accepted:
+            metrics.current.smtp_recipient_refused(_RCPT_REFUSALS.get(verdict.enhanced, "other"))
             logs.event("smtp_rcpt_rejected", conn=client.connection_id,
                        client=client.client_address, rcpt=address, reply=verdict.reply)
             return verdict.reply
@@ -172,6 +178,7 @@ class GatewayHandler:
         if find_nul(content) is not None:
             logs.warning("smtp_nul_in_data", conn=client.connection_id,
                          client=client.client_address)
+            metrics.current.smtp_message("rejected", "nul")
             return "550 5.6.0 Message contains NUL characters"
         # SMTP smuggling (CVE-2023-51764): a bare LF or CR is how a client hides a second
         # message that another server would see end at "\n.\n"; only CRLF is a line end.
@@ -183,10 +190,12 @@ class GatewayHandler:
             if self.config.bare_line_endings == "reject":
                 logs.warning("smtp_bare_line_ending", conn=client.connection_id,
                              client=client.client_address)
+                metrics.current.smtp_message("rejected", "bare_line_ending")
                 return "550 5.5.2 Bare <CR> or <LF> in message data is not allowed"
             content = normalise_line_endings(content)
         if count_received_headers(content) > MAX_RECEIVED_HEADERS:
             logs.warning("smtp_mail_loop", conn=client.connection_id)
+            metrics.current.smtp_message("rejected", "loop")
             return "554 5.4.6 Too many hops (mail forwarding loop)"
         sender = "" if envelope.mail_from in ("<>", None) else envelope.mail_from
         recipients = tuple(envelope.rcpt_tos)
@@ -204,15 +213,19 @@ class GatewayHandler:
                 else "451 4.7.1 Message cannot be checked now, try again later")
             logs.event("smtp_filter_" + verdict.action, conn=client.connection_id,
                        reason=verdict.reason, reply=reply)
+            # Which verdict: mailgate_smtp_filter_verdicts_total (proxies.scan.filter).
+            metrics.current.smtp_message(_FILTER_RESULTS[verdict.action], "filter")
             return reply
         if verdict.action == "quarantine":
             # (content filtering) the filter has stored the message durably; not delivered.
             logs.event("smtp_quarantined", conn=client.connection_id, reason=verdict.reason,
                        sender=sender, rcpts=",".join(recipients))
+            metrics.current.smtp_message("quarantined", "filter")
             return verdict.reply or "250 2.0.0 Ok"
         if verdict.action == "drop":
             logs.event("smtp_dropped", conn=client.connection_id, reason=verdict.reason,
                        sender=sender, rcpts=",".join(recipients))
+            metrics.current.smtp_message("dropped", "filter")
             return "250 2.0.0 Ok"
         if verdict.content is not None:
             content = verdict.content
@@ -236,14 +249,17 @@ class GatewayHandler:
             await self.queue.accept(queued, content, queue_id=queue_id)
         except QueueFullError:
             logs.error("queue_full", conn=client.connection_id)
+            metrics.current.smtp_message("tempfailed", "queue_full")
             return "452 4.3.1 Insufficient system storage"
         except QueueWriteError as exc:
             logs.error("queue_write_failed", conn=client.connection_id, error=str(exc))
+            metrics.current.smtp_message("tempfailed", "queue_write")
             return "451 4.3.0 Error: queue file write error"
         logs.event("smtp_accepted", qid=queue_id, conn=client.connection_id,
                    client=client.client_address, sender=sender or "<>",
                    rcpts=",".join(recipients), size=len(content),
                    destination=format_hostport(client.original_destination))
+        metrics.current.smtp_message("accepted", "queued")
         if self.on_queued is not None:
             self.on_queued(queue_id)
         return f"250 2.0.0 Ok: queued as {queue_id}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from interceptor.config import InterceptorConfig
 from netsetup.config import NetworkConfig
 from proxies.config import Config, LogConfig, SmtpConfig, read_sections
+from proxies.metrics.config import MetricsConfig
 from proxies.pop3.config import Pop3Config
 from proxies.scan.config import PolicyConfig, QuarantineConfig, ScanConfig
 
@@ -35,6 +36,7 @@ SECTIONS: dict[str, tuple[type, str]] = {
     "quarantine": (QuarantineConfig, "quarantine"),
     "log": (LogConfig, "log"),
     "interceptor": (InterceptorConfig, "interceptor"),
+    "metrics": (MetricsConfig, "metrics"),
 }
 # Keys whose field has another name.
 FIELDS = {

@@ -12,6 +12,7 @@ cleanly:
 - spamd.Spamd.start -> SpamdInstance
 - rspamd.Rspamd.start -> RspamdInstance (HTTP: /ping, /checkv2)
 - dns.DnsServer.start (also `python -m netsetup.lab.peers.dns`)
+- prometheus.Prometheus.start -> PrometheusInstance (scrapes, answers /api/v1/query)
 
 Peers see their folder at `_common.PEER_MOUNT` (a bind mount private to each peer's
 commands), so the configs written there name paths under /run/mailgate-peer; the Python side
