@@ -4,7 +4,8 @@
     enabled = false              # netsetup queues SYNs to the interceptor; `mailgate run` starts it
     queue = 0                    # NFQUEUE number
     mark = 0x2                   # fwmark bit meaning "decided: intercept" (not [network] mark)
-    queue_max_len = 8192         # packets the kernel holds for us before it drops SYNs
+    queue_max_len = 8192         # SYNs the kernel holds for us; beyond: passed (fail = "open",
+                                 # the queue's fail-open flag) or dropped ("closed")
     services = ["smtp", "pop3"]  # per-port enable; default: every [network] intercept service
     fail = "open"                # proxy not accepting: "open" = pass direct, "closed" = refuse;
                                  # also no interceptor bound: "open" = pass, "closed" = hold

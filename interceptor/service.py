@@ -18,6 +18,8 @@ Only SYNs are queued (netsetup's rule), so established connections never pass th
 If this process dies, or before it is first started, what happens to new connections is the
 kernel's (netsetup's rule): with fail = "open" `--queue-bypass` lets them through uninspected;
 with fail = "closed" their SYNs are dropped and the clients retry until an interceptor is bound.
+The same for a SYN that finds the queue full (`queue_max_len` waiting): passed with fail =
+"open" (the queue's fail-open flag, interceptor/nfqconfig.py), dropped with fail = "closed".
 """
 
 from __future__ import annotations
@@ -274,13 +276,14 @@ def serve(load: Loader, *, trace: bool = False) -> int:
         print(f"mailgate intercept: cannot bind NFQUEUE {config.queue}: {exc} (is another "
               "interceptor running? are we root?)", file=sys.stderr)
         return 1
+    queue_full = _configure_queue(queue.get_fd(), config)
     monitor = Monitor(config.health_interval, tick, name="interceptor-monitor")
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
     monitor.start()
     _write_snapshot(interceptor, None)
-    logs.event("interceptor_ready", queue=config.queue, fail=config.fail,
+    logs.event("interceptor_ready", queue=config.queue, fail=config.fail, queue_full=queue_full,
                services=sorted(interceptor.policy.services),
                proxies={f"{p.service}/ipv{p.family}": p.reason() for p in interceptor.proxies})
     try:
@@ -300,6 +303,25 @@ def serve(load: Loader, *, trace: bool = False) -> int:
             write_stats(interceptor.settings.interceptor.stats_file, final)
     logs.event("interceptor_stopped", **final["counters"])
     return 0
+
+
+def _configure_queue(fd: int, config: InterceptorConfig) -> str:
+    """Set what the kernel does with a SYN that finds the queue full (interceptor/nfqconfig.py)
+    and confirm the queue length; returns it: "pass" or "drop".
+
+    fail = "open" passes it uninspected, as while no interceptor is bound; fail = "closed"
+    drops it, so the client retransmits: held, never passed uninspected."""
+    from interceptor import nfqconfig
+
+    fail_open = config.fail == "open"
+    try:
+        nfqconfig.apply(fd, config.queue, max_len=config.queue_max_len, fail_open=fail_open)
+    except OSError as exc:  # TimeoutError too. The queue works on, without the flag.
+        logs.warning("interceptor_queue_config_failed", queue=config.queue, error=str(exc),
+                     queue_max_len=config.queue_max_len, queue_full="drop",
+                     effect="SYNs that find the queue full are dropped (clients retransmit)")
+        return "drop"
+    return "pass" if fail_open else "drop"
 
 
 def _write_snapshot(interceptor: Interceptor, state: object) -> None:
