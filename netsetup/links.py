@@ -173,8 +173,14 @@ def create_bridge(spec: BridgeSpec) -> None:
     if not spec.link_local:
         # Before the link comes up, so the kernel never generates the address (mode 1: none).
         path = Path("/proc/sys/net/ipv6/conf", spec.name, "addr_gen_mode")
-        with contextlib.suppress(FileNotFoundError):  # IPv6 disabled in this namespace
-            path.write_text("1\n")
+        try:
+            with contextlib.suppress(FileNotFoundError):  # IPv6 disabled in this namespace
+                path.write_text("1\n")
+        except OSError:
+            # E.g. EROFS (/proc/sys read-only: a container, ProtectKernelTunables=yes). The
+            # executor undoes only completed steps: this one must not leave its bridge behind.
+            delete_link(spec.name)
+            raise
 
 
 def delete_link(name: str) -> None:
@@ -253,18 +259,40 @@ def _set_neighbour(ipr: IPRoute, spec: RouteSpec, add: bool) -> None:
             raise
 
 
+class RouteConflict(Exception):
+    """The table already holds another route to the same destination (not ours)."""
+
+
 def add_route(spec: RouteSpec) -> bool:
+    """Add `spec` (and the permanent neighbour entry its gateway needs); False when exactly
+    this route was there already. Either both are added or, on failure, neither."""
     with _ipr() as ipr:
-        _set_neighbour(ipr, spec, add=True)
         try:
             # A `local` route must say scope host explicitly: pyroute2 otherwise sends scope
             # universe and the kernel answers EINVAL (measured).
             ipr.route("add", **_route_args(ipr, spec))
+            added = True
         except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
-                return False
+            if exc.code != errno.EEXIST:
+                raise
+            # EEXIST only says the table has *a* route to this destination and metric; taking
+            # a different one (a blackhole, another device) for ours would report success
+            # while nothing routes as configured.
+            present = {route.key()[:-1] for route in read_routes([spec.table])}
+            if spec.key()[:-1] not in present:  # [:-1]: the neighbour entry is set below
+                raise RouteConflict(
+                    f"table {spec.table} already has another route to {spec.destination} "
+                    "(not netsetup's): remove it, or set another table in [network] "
+                    "(route_table, egress_table)") from None
+            added = False
+        try:
+            _set_neighbour(ipr, spec, add=True)
+        except NetlinkError:
+            if added:
+                with contextlib.suppress(NetlinkError):
+                    ipr.route("del", **_route_args(ipr, spec))
             raise
-    return True
+    return added
 
 
 def delete_route(spec: RouteSpec) -> None:

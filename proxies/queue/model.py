@@ -275,8 +275,10 @@ class RecoveryReport:
     corrupt: int = 0  # unreadable files moved to corrupt/
     queued: int = 0  # messages waiting (incoming + deferred) afterwards
     held: int = 0
+    foreign: int = 0  # files whose names are not the queue's, left where they are
 
     def as_fields(self) -> dict[str, Any]:
         """For structured logs: `logs.event("queue_recovered", **report.as_fields())`."""
         return {"removed_partial": self.removed_partial, "requeued_active": self.requeued_active,
-                "corrupt": self.corrupt, "queued": self.queued, "held": self.held}
+                "corrupt": self.corrupt, "queued": self.queued, "held": self.held,
+                "foreign": self.foreign}

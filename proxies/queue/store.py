@@ -129,6 +129,16 @@ def _write_new_file(path: Path, chunks: list[bytes], sync: bool = True) -> None:
         raise _write_error(exc, "write queue file") from exc
 
 
+def _tmp_writer(name: str) -> int | None:
+    """The writer's pid in a temporary file's name, `<queue id>.<pid>.tmp`; None for any other
+    name (a file recovery must not delete)."""
+    queue_id, _, rest = name.partition(".")
+    pid, _, suffix = rest.partition(".")
+    if suffix != "tmp" or not queuefile.is_queue_id(queue_id) or not pid.isdecimal():
+        return None
+    return int(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -386,16 +396,23 @@ class Queue:
     def recover(self) -> RecoveryReport:
         """Make the queue consistent after a crash; call once, in the delivery process, before
         claiming. Deletes half-written files of writers that are gone, puts active/ back (due
-        now), moves unreadable files to corrupt/, then rescans."""
-        removed = requeued = corrupt = 0
+        now), moves unreadable files to corrupt/, then rescans. A file whose name is not the
+        queue's (an editor's backup, NFS's .nfs*, a README) is nobody's message: it is logged
+        and left where it is, never parsed, moved or deleted (so does Postfix's postsuper)."""
+        removed = requeued = corrupt = foreign = 0
         now = self.clock()
         incoming = self._dirs[INCOMING]
         for name in self._names(INCOMING):
-            if name.endswith(".tmp") and self._tmp_is_orphan(incoming / name, name, now):
+            pid = _tmp_writer(name)
+            if pid is not None and self._tmp_is_orphan(incoming / name, pid, name, now):
                 with contextlib.suppress(FileNotFoundError):
                     (incoming / name).unlink()
                 removed += 1
         for queue_id in self._names(ACTIVE):
+            if not queuefile.is_queue_id(queue_id):
+                self._foreign(ACTIVE, queue_id)
+                foreign += 1
+                continue
             path = self._dirs[ACTIVE] / queue_id
             if self._check(ACTIVE, queue_id):
                 with contextlib.suppress(FileNotFoundError):
@@ -407,9 +424,9 @@ class Queue:
         for status in (INCOMING, DEFERRED, HOLD):
             for queue_id in self._names(status):
                 if not queuefile.is_queue_id(queue_id):
-                    if not queue_id.endswith(".tmp"):
-                        self._to_corrupt(status, queue_id, "not a queue file name")
-                        corrupt += 1
+                    if status != INCOMING or _tmp_writer(queue_id) is None:
+                        self._foreign(status, queue_id)
+                        foreign += 1
                     continue
                 if not self._check(status, queue_id):
                     corrupt += 1
@@ -417,14 +434,10 @@ class Queue:
             _fsync_dir(self._dirs[name])
         self.rescan()
         held = sum(1 for n in self._names(HOLD) if queuefile.is_queue_id(n))
-        report = RecoveryReport(removed, requeued, corrupt, len(self._index), held)
+        report = RecoveryReport(removed, requeued, corrupt, len(self._index), held, foreign)
         return report
 
-    def _tmp_is_orphan(self, path: Path, name: str, now: float) -> bool:
-        try:
-            pid = int(name.split(".")[1])
-        except (IndexError, ValueError):
-            return True
+    def _tmp_is_orphan(self, path: Path, pid: int, name: str, now: float) -> bool:
         if pid == self._pid:
             return name not in _INFLIGHT
         try:
@@ -445,6 +458,11 @@ class Queue:
             self._to_corrupt(status, queue_id, str(exc))
             return False
         return True
+
+    @staticmethod
+    def _foreign(status: str, name: str) -> None:
+        logs.warning("queue_foreign_file", queue=status, file=name,
+                     action="left in place: not a queue file name")
 
     def _to_corrupt(self, status: str, name: str, why: str) -> None:
         logs.warning("queue_file_corrupt", qid=name, queue=status, error=why)
