@@ -34,6 +34,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                            help=f"the TOML config file (default: {DEFAULT_CONFIG_PATH})")
     intercept.add_argument("--trace", action="store_true",
                            help="print every decision with the packet decoded (slow; debugging)")
+    # `mailgate run` starts this with its own pid: the interceptor then ends with it, even
+    # when it is killed with SIGKILL (else it would stay bound, deciding for proxies that are
+    # gone). Not for people.
+    intercept.add_argument("--die-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     intercept.set_defaults(handler=_intercept)
     status = subparsers.add_parser(
         "status", help="show what is running: interceptor counters and health, proxies, "
@@ -67,6 +71,15 @@ def _intercept(args: argparse.Namespace) -> int:
     from interceptor.service import serve
     from proxies import logs
 
+    if args.die_with_parent is not None:
+        import ctypes
+        import signal
+
+        from proxies.run import PR_SET_PDEATHSIG
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != args.die_with_parent:  # it died before we asked
+            return 1
 
     try:
         settings = settings_from(args.config)

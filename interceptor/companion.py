@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ class Companion:
 
     async def _spawn(self) -> None:
         self.child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxies.cli", "intercept", "--config", str(self.config_path))
+            sys.executable, "-m", "proxies.cli", "intercept", "--config", str(self.config_path),
+            "--die-with-parent", str(os.getpid()))
         logs.event("interceptor_started", pid=self.child.pid)
 
     async def _run(self) -> None:

@@ -5,9 +5,11 @@ reply. `zINSTREAM` sends the data as chunks, each after its length as a 4-byte b
 number, and a zero length ends the stream; the reply is `stream: OK`, `stream: NAME FOUND`
 or `... ERROR` (`INSTREAM size limit exceeded. ERROR` once StreamMaxLength is passed).
 `zIDSESSION` keeps the connection open for more commands; each reply is then prefixed with
-the number of its command in the session (`3: stream: OK`), and `zEND` ends it. clamd ends an
-idle session itself after IdleTimeout (30 s by default), so a pooled connection that turns out
-to be closed before it answered anything is retried once on a fresh one.
+the number of its command in the session (`3: stream: OK`), and `zEND` ends it. clamd ends a
+session itself when no command comes for ReadTimeout seconds (120 by default; IdleTimeout is
+about its threads, not sessions), writing the line `COMMAND READ TIMED OUT` (newline-ended, not
+NUL) before it closes, and a restarted clamd has closed them all. So a pooled session that turns
+out to be closed before it answered our command is retried once on a fresh one.
 
 Sans-I/O parts (framing and reply parsing) are plain functions, tested without clamd.
 """
@@ -106,7 +108,7 @@ class ClamdClient:
             try:
                 return await self._command(session, content)
             except (OSError, asyncio.IncompleteReadError) as exc:
-                # A pooled session clamd closed meanwhile (IdleTimeout): try a fresh one.
+                # A pooled session clamd closed meanwhile (ReadTimeout, restart): a fresh one.
                 if not _closed_early(exc):
                     raise
         session = await connect(self.config.address)
@@ -135,9 +137,16 @@ class ClamdClient:
         self._pool.close()
 
 
+# What clamd writes on a session it ends for ReadTimeout (see the module's docstring).
+TIMED_OUT_NOTICE = b"COMMAND READ TIMED OUT"
+
+
 def _closed_early(exc: BaseException) -> bool:
+    """clamd had closed the session before it read our command. We learn it from the write (a
+    reset, a broken pipe) or, when clamd's reset has not come back yet (a clamd across a
+    network), from the read: the end of the stream, after nothing or after its notice."""
     if isinstance(exc, asyncio.IncompleteReadError):
-        return not exc.partial
+        return exc.partial.strip() in (b"", TIMED_OUT_NOTICE)
     return isinstance(exc, ConnectionResetError | BrokenPipeError)
 
 

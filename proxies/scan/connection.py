@@ -51,7 +51,7 @@ async def connect(address: SocketAddress) -> Connection:
 
 class ConnectionPool:
     """Idle connections kept for reuse, for protocols that allow more than one request per
-    connection (clamd's IDSESSION, HTTP keep-alive). At most `size` are kept."""
+    connection (clamd's IDSESSION). At most `size` are kept."""
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -58,7 +58,7 @@ def _command(sock: socket.socket, command: bytes) -> bytes:
 
 class ClamdInstance:
     def __init__(self, lab: Lab, host: Host, dir: Path, tcp: tuple[str, int] | None,
-                 stream_max_length: str) -> None:
+                 stream_max_length: str, read_timeout: int | None = None) -> None:
         self.lab = lab
         self.host = host
         self.dir = dir
@@ -67,6 +67,7 @@ class ClamdInstance:
         self.conf_path = dir / "clamd.conf"
         self.log_path = dir / "clamd.log"
         self.stream_max_length = stream_max_length
+        self.read_timeout = read_timeout  # seconds; None: clamd's default (120)
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds = 0.0
 
@@ -80,6 +81,8 @@ class ClamdInstance:
         tcp = ""
         if self.address is not None:
             tcp = f"TCPSocket {self.address[1]}\nTCPAddr {self.address[0]}\n"
+        # How long clamd waits for data, also for the next command of an IDSESSION.
+        idle = "" if self.read_timeout is None else f"ReadTimeout {self.read_timeout}\n"
         # Runs as root (no User line): it reads only folders the test made.
         self.conf_path.write_text(f"""\
 Foreground yes
@@ -93,7 +96,7 @@ LogTime yes
 TemporaryDirectory {self.dir / "tmp"}
 SelfCheck 0
 StreamMaxLength {self.stream_max_length}
-""")
+{idle}""")
 
     def start(self, timeout: float = 30.0) -> ClamdInstance:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -153,5 +156,6 @@ class Clamd:
     @staticmethod
     def start(lab: Lab, host: Host, dir: Path, *,
               tcp: tuple[str, int] | None = ("127.0.0.1", 3310),
-              stream_max_length: str = "25M") -> ClamdInstance:
-        return ClamdInstance(lab, host, dir, tcp, stream_max_length).start()
+              stream_max_length: str = "25M",
+              read_timeout: int | None = None) -> ClamdInstance:
+        return ClamdInstance(lab, host, dir, tcp, stream_max_length, read_timeout).start()
