@@ -35,6 +35,9 @@ from proxies.transparent import TransparentError, open_onward
 # and smtp_connection_reuse_time_limit: how long one connection goes on being reused.
 CONNECTION_IDLE_LIMIT = 2.0
 CONNECTION_REUSE_LIMIT = 300.0
+# Session stages before the transaction: a failure there is the server's state, not the
+# message's, so the next address of the hop is tried.
+_BEFORE_MAIL = frozenset({"greeting", "ehlo", "helo"})
 
 
 class _Connection:
@@ -47,6 +50,7 @@ class _Connection:
         self.writer = writer
         self.opened = time.monotonic()
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.failed_stage: str | None = None  # where its last transaction failed, if it did
 
     async def close(self) -> None:
         """QUIT if the session is still in a clean state, then close."""
@@ -252,6 +256,11 @@ class DeliveryAgent:
     async def _send_to_hop(self, claimed: ClaimedMessage, hop: NextHop,
                            rcpts: list[str]) -> dict[str, DeliveryResult]:
         last_error = "no address to try"
+        # A server that failed before MAIL (its greeting, EHLO/HELO, or the connection) says
+        # nothing about the message: the next address is tried, as RFC 5321 5.1 asks and
+        # Postfix's smtp(8) does (smtp_skip_5xx_greeting). Its answer is kept in case it was
+        # the last one.
+        unready: dict[str, DeliveryResult] | None = None
         for address in hop.addresses:
             key: _CacheKey = (address, hop.spoof_source)
             cached = self._take_idle(key)
@@ -296,8 +305,15 @@ class DeliveryAgent:
                     conn.session.reusable = False
                     self._close_later(conn)
                 raise
+            if conn.session.stage in _BEFORE_MAIL or conn.failed_stage in _BEFORE_MAIL:
+                conn.session.reusable = False
+                self._close_later(conn)
+                unready = results
+                continue
             self._keep_idle(key, conn)
             return results
+        if unready is not None:
+            return unready
         return {rcpt: DeliveryResult(451, f"4.4.1 {last_error}", connected=False)
                 for rcpt in rcpts}
 
@@ -344,6 +360,7 @@ class DeliveryAgent:
                 elif isinstance(event, smtp_client.Failed):
                     if reused and event.stage == "rset":
                         return None
+                    conn.failed_stage = event.stage
                     logs.event("delivery_failed", qid=claimed.queue_id, relay=relay,
                                stage=event.stage, reply=str(event.reply))
                     return {rcpt: DeliveryResult(event.reply.code, str(event.reply)[4:],

@@ -173,7 +173,8 @@ class PostfixInstance:
     """A running private Postfix. Made by `Postfix.receiver/sender/relay`."""
 
     def __init__(self, lab: Lab, host: Host, dir: Path, role: str, hostname: str,
-                 listen: Sequence[str], main: Mapping[str, str]) -> None:
+                 listen: Sequence[str], main: Mapping[str, str],
+                 service_options: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.lab = lab
         self.host = host
         self.dir = dir
@@ -189,6 +190,9 @@ class PostfixInstance:
         self.inside = PEER_MOUNT
         self.startup_seconds = 0.0
         self.process: subprocess.Popen[bytes] | None = None
+        # Per-listener overrides (master.cf `-o name=value`), keyed by service name as in
+        # `listen`: one instance can offer listeners that behave differently.
+        self.service_options = {k: dict(v) for k, v in (service_options or {}).items()}
         self._write_config(main)
 
     # --- configuration ----------------------------------------------------------------------
@@ -236,8 +240,18 @@ class PostfixInstance:
         settings.update(main)
         lines = [f"{key} = {value}" for key, value in settings.items()]
         (self.conf_dir / "main.cf").write_text("\n".join(lines) + "\n")
-        smtpd = "".join(f"{service:<10} inet  n       -       n       -       -       smtpd\n"
-                        for service in self.listen)
+        unknown = set(self.service_options) - set(self.listen)
+        if unknown:
+            raise PeerError(f"service_options for services not listened on: {sorted(unknown)}")
+        smtpd = ""
+        for service in self.listen:
+            options = self.service_options.get(service, {})
+            for name, value in options.items():
+                if not value or any(c.isspace() for c in name + value):
+                    raise PeerError(f"master.cf -o {name}={value!r}: no spaces, not empty")
+            overrides = "".join(f" -o {name}={value}" for name, value in options.items())
+            smtpd += (f"{service:<10} inet  n       -       n       -       -       smtpd"
+                      f"{overrides}\n")
         (self.conf_dir / "master.cf").write_text(smtpd + _MASTER_SERVICES)
         # Postfix rereads a main.cf changed in the last couple of seconds until it looks
         # settled (about 2.4 s lost at every start): date the files back a minute.
@@ -370,11 +384,15 @@ class Postfix:
     def receiver(lab: Lab, host: Host, domains: Sequence[str], dir: Path, *,
                  users: Sequence[str] | None = None, port: int = 25,
                  addresses: Sequence[str] = ("0.0.0.0", "::"), hostname: str | None = None,
-                 extra: Mapping[str, str] | None = None) -> PostfixInstance:
+                 extra: Mapping[str, str] | None = None,
+                 service_options: Mapping[str, Mapping[str, str]] | None = None
+                 ) -> PostfixInstance:
         """A final destination for `domains`, storing every message in one maildir.
 
         `users`: full addresses to accept; others get 550 5.1.1 at RCPT (None: accept every
         local part). Mail for other domains is refused (554 5.7.1): it never relays.
+        `service_options`: main.cf overrides for single listeners, keyed by their service name
+        (`listen_service(address, port)`), e.g. {"198.51.100.27:25": {"smtpd_timeout": "1s"}}.
         """
         if users is not None:
             mailbox_maps = "inline:{" + ", ".join(f"{u}=mail/" for u in users) + "}"
@@ -391,7 +409,8 @@ class Postfix:
         main.update(extra or {})
         listen = [listen_service(a, port) for a in addresses]
         name = hostname or f"mx.{domains[0]}"
-        return PostfixInstance(lab, host, _fresh(dir), "receiver", name, listen, main).start()
+        return PostfixInstance(lab, host, _fresh(dir), "receiver", name, listen, main,
+                               service_options).start()
 
     @staticmethod
     def sender(lab: Lab, host: Host, routes: Mapping[str, str], dir: Path, *,
