@@ -18,6 +18,10 @@ Then, through the booted appliance: a clean message reaches the server's Postfix
 appliance's Received: header and the sender's own address; EICAR in an attachment is refused
 (554, clamd with the image's test signature); GTUBE is delivered tagged (spamd); and over POP3
 from the server's Dovecot, the infected message arrives replaced.
+
+A second, shorter boot: a config naming a port the box does not have (an interface name copied
+from another machine). The appliance must say so in one line on the console, naming the port
+and the interfaces it has, as soon as udev has seen every device, and never claim to be ready.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ SERVER_NAME = "mx.example.com"
 BOOT = os.environ.get("MAILGATE_IMAGE_BOOT", "disk")
 # Emulated (TCG) on a loaded 2-core machine: generous, but each wait ends at once on failure.
 READY_TIMEOUT = 600.0
+# The not-ready line comes at about the time the ready line would.
+NOT_READY_TIMEOUT = 480.0
 DELIVERY_TIMEOUT = 180.0
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -136,14 +142,14 @@ def lab_config() -> str:
     return default.replace(placeholder, f'hostname = "{GATEWAY_NAME}"')
 
 
-def prepare_disk(work: Path) -> Path:
-    """A sparse copy of the image with the lab's mailgate.toml on its config partition."""
+def prepare_disk(work: Path, config_text: str) -> Path:
+    """A sparse copy of the image with `config_text` as mailgate.toml on its config partition."""
     if not IMAGE.exists():
         pytest.fail(f"no image at {IMAGE}: build it with 'make image' (make image-test does)")
     disk = work / "disk.raw"
     subprocess.run(["cp", "--sparse=always", str(IMAGE), str(disk)], check=True)
     config = work / "mailgate.toml"
-    config.write_text(lab_config())
+    config.write_text(config_text)
     # mtools writes into the FAT partition inside the file: nothing is mounted.
     subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{CONFIG_PARTITION_OFFSET}", str(config),
                     "::mailgate.toml"], check=True, capture_output=True,
@@ -182,6 +188,33 @@ def qemu_command(disk: Path, console_log: Path, network: list[str]) -> list[str]
     return argv
 
 
+@contextlib.contextmanager
+def booted(work: Path, config_text: str, console_name: str) -> Iterator[tuple[Lab, Console]]:
+    """The image booting between a fresh lab's sender and server, `config_text` on its MGCONFIG
+    partition. Leaving the block takes the lab down, qemu with it; the serial console is kept as
+    images/build/logs/`console_name`."""
+    lab = Lab("bridge", make_bridge=False, bridge_subnet=LAB_SUBNET)
+    console_log = work / "console.log"
+    try:
+        lab.up()
+        disk = prepare_disk(work, config_text)
+        network = wire_gateway(lab)
+        log(f"lab {lab.name} up; booting the image ({BOOT})")
+        started = time.monotonic()
+        with (work / "qemu.err").open("wb") as qemu_err:
+            qemu = lab.spawn(lab.gateway, qemu_command(disk, console_log, network),
+                             stdout=subprocess.DEVNULL, stderr=qemu_err)
+        yield lab, Console(console_log, qemu, started)
+    finally:
+        # lab.down() kills qemu (started in the gateway namespace) and every peer, then
+        # deletes the namespaces, and with them the taps and wires.
+        lab.down()
+        with contextlib.suppress(OSError):
+            BUILD.joinpath("logs").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(console_log, BUILD / "logs" / console_name)
+        (work / "disk.raw").unlink(missing_ok=True)
+
+
 @dataclass
 class Appliance:
     lab: Lab
@@ -191,30 +224,11 @@ class Appliance:
 
 @pytest.fixture
 def appliance(tmp_path: Path) -> Iterator[Appliance]:
-    lab = Lab("bridge", make_bridge=False, bridge_subnet=LAB_SUBNET)
-    console_log = tmp_path / "console.log"
-    try:
-        lab.up()
-        disk = prepare_disk(tmp_path)
-        network = wire_gateway(lab)
-        log(f"lab {lab.name} up; booting the image ({BOOT})")
-        started = time.monotonic()
-        with (tmp_path / "qemu.err").open("wb") as qemu_err:
-            qemu = lab.spawn(lab.gateway, qemu_command(disk, console_log, network),
-                             stdout=subprocess.DEVNULL, stderr=qemu_err)
-        console = Console(console_log, qemu, started)
+    with booted(tmp_path, lab_config(), "image-test-console.log") as (lab, console):
         line = console.wait_for(b"MAILGATE-READY", READY_TIMEOUT)
         ready = console.seconds()
         log(f"ready {ready:.1f} s after qemu started: {line.decode(errors='replace').strip()}")
         yield Appliance(lab, console, ready)
-    finally:
-        # lab.down() kills qemu (started in the gateway namespace) and every peer, then
-        # deletes the namespaces, and with them the taps and wires.
-        lab.down()
-        with contextlib.suppress(OSError):
-            BUILD.joinpath("logs").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(console_log, BUILD / "logs" / "image-test-console.log")
-        (tmp_path / "disk.raw").unlink(missing_ok=True)
 
 
 # --- the test -----------------------------------------------------------------------------------
@@ -279,12 +293,14 @@ def test_mail_crosses_the_booted_appliance(appliance: Appliance, tmp_path: Path)
     virus = send(appliance, with_attachment("virus", EICAR), check=False)
     assert re.search(r"<\*\* +554 5\.7\.1 .*Virus found", virus), virus
 
-    # spamd scores GTUBE as spam: tagged and delivered.
+    # spamd scores GTUBE as spam: tagged ([policy] subject_prefix, "[SPAM] " by default, and
+    # X-Spam headers) and delivered.
     send(appliance, message("spam", GTUBE + b"\r\n"))
     deliveries = receiver.wait_for_messages(2, timeout=DELIVERY_TIMEOUT)
     assert len(deliveries) == 2, [d.raw[:500] for d in deliveries]
     spam = deliveries[1].content
-    assert b"Subject: spam" in spam and re.search(rb"^X-Spam-Flag: YES", spam, re.M), spam[:2000]
+    assert b"\r\nSubject: [SPAM] spam\r\n" in spam, spam[:2000]
+    assert re.search(rb"^X-Spam-Flag: YES", spam, re.M), spam[:2000]
     # The virus message went nowhere: EICAR travels base64-encoded in it, so look for that
     # form and for the message itself.
     assert not [d.raw[:500] for d in deliveries if base64.b64encode(EICAR) in d.raw
@@ -323,3 +339,21 @@ def test_mail_crosses_the_booted_appliance(appliance: Appliance, tmp_path: Path)
     assert b"Subject: pop-clean" in fetched_clean
     log(f"POP3 through the appliance, virus replaced: done {console.seconds():.1f} s "
         "after qemu started")
+
+
+@pytest.mark.timeout(900)
+def test_console_says_why_the_appliance_is_not_ready(tmp_path: Path) -> None:
+    default_ports = 'ports = ["eth0", "eth1"]'
+    assert default_ports in lab_config(), "the default config changed: see this test"
+    config = lab_config().replace(default_ports, 'ports = ["eth0", "enp1s0"]')
+    with booted(tmp_path, config, "image-test-not-ready-console.log") as (_, console):
+        line = console.wait_for(b"MAILGATE-NOT-READY", NOT_READY_TIMEOUT).decode(errors="replace")
+        log(f"not ready, said {console.seconds():.1f} s after qemu started: {line.strip()}")
+        assert line.strip().endswith("MAILGATE-NOT-READY: no network interface for [network] "
+                                     "ports: enp1s0 (there are: eth0, eth1)"), console.tail()
+        text = console.text()
+        # The config was taken (it is valid: only this box lacks the port) ...
+        assert b"mailgate-config: installed /boot/config/mailgate.toml" in text, console.tail()
+        # ... and the reason is said once, with nothing claiming the box is ready.
+        assert text.count(b"MAILGATE-NOT-READY") == 1, console.tail()
+        assert b"MAILGATE-READY" not in text, console.tail()
