@@ -25,12 +25,16 @@ CONFIGS = {
     "router": """[network]
 mode = "router"
 bypass_sources = ["192.0.2.99/32", "2001:db8:1::99/128"]
+[pop3]
+enabled = true  # intercepting port 110 needs the POP3 proxy (the probe listener stands in)
 """,
     # No address and no subnet on the bridge: an invisible bridge.
     "bridge": """[network]
 mode = "bridge"
 ports = ["eth0", "eth1"]
 bypass_sources = ["192.0.2.99/32", "2001:db8:1::99/128"]
+[pop3]
+enabled = true
 """,
 }
 
