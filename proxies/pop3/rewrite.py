@@ -6,92 +6,30 @@ waiting client before the verdict is known: whatever the verdict, every message 
 can get starts with them. Added header fields go at the *end* of the header section, for the
 same reason.
 
-Headers are handled as bytes, field by field (RFC 5322 2.2: a field is a line starting with a
-name and a colon, plus the folded lines after it that start with a space or tab); nothing is
-re-encoded, so what is not changed stays byte-identical.
+Headers are handled as bytes, field by field (`proxies.mail.headers`), and tagged the way SMTP
+tags them (`proxies.mail.tagging`: forged copies of our fields removed); nothing is re-encoded,
+so what is not changed stays byte-identical.
 """
 
 from __future__ import annotations
 
 import email.header
 import email.utils
-import re
 import secrets
 import time
-from dataclasses import dataclass
 
+from proxies.mail.headers import Header
+from proxies.mail.tagging import OUR_FIELDS, SCAN_FIELD, field, tag_header
 from proxies.scan.api import ScanResult
 
-__all__ = ["Header", "build_notice", "parse_header", "tag_spam", "trace_length", "unscanned"]
+__all__ = ["build_notice", "tag_spam", "trace_length", "unscanned"]
 
 # Fields a delivering MTA or MDA puts on top of a message (RFC 5321 4.4, RFC 9228); everything
 # we send before a verdict comes from these.
 TRACE_FIELDS = frozenset({"return-path", "received", "delivered-to", "x-original-to",
                           "envelope-to", "x-envelope-from", "x-envelope-to"})
-_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 # How much of a message is looked at to find its header section.
 HEADER_LIMIT = 256 * 1024
-
-
-@dataclass(frozen=True)
-class Header:
-    """The header section of a message: `data` (up to and including the last field's line end),
-    where the body starts, and the line ending the message uses."""
-
-    data: bytes
-    body_start: int
-    eol: bytes
-    fields: tuple[tuple[str, bytes], ...]  # (lower-case name, raw field with its line end)
-
-    def first(self, name: str) -> bytes | None:
-        """The raw value of the first field `name`, unfolded, without the line end."""
-        for field_name, raw in self.fields:
-            if field_name == name:
-                value = raw.split(b":", 1)[1]
-                return re.sub(rb"\r?\n(?=[ \t])", b"", value).strip()
-        return None
-
-    def offset_of(self, name: str) -> int | None:
-        offset = 0
-        for field_name, raw in self.fields:
-            if field_name == name:
-                return offset
-            offset += len(raw)
-        return None
-
-
-def parse_header(head: bytes, complete: bool) -> Header | None:
-    """The header section of a message starting with `head`.
-
-    `complete`: `head` is the whole message, so one without an empty line is all header
-    (TOP n 0 of a message with no body). None when the end of the header is not in `head`.
-    """
-    crlf, lf = head.find(b"\r\n\r\n"), head.find(b"\n\n")
-    if head.startswith(b"\r\n"):
-        end, body = 0, 2
-    elif head.startswith(b"\n"):
-        end, body = 0, 1
-    elif crlf >= 0 and (lf < 0 or crlf < lf):
-        end, body = crlf + 2, crlf + 4
-    elif lf >= 0:
-        end, body = lf + 1, lf + 2
-    elif complete:
-        end = body = len(head)
-    else:
-        return None
-    data = head[:end]
-    eol = b"\n" if b"\r\n" not in data and b"\n" in data else b"\r\n"
-    fields: list[tuple[str, bytes]] = []
-    for line in data.splitlines(keepends=True):
-        match = _FIELD_NAME.match(line)
-        if line[:1] in (b" ", b"\t") and fields:
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line)
-        elif match:
-            fields.append((match.group(1).decode("ascii").lower(), line))
-        else:
-            fields.append(("", line))  # not a field: kept as it is, never matched
-    return Header(data, body, eol, tuple(fields))
 
 
 def trace_length(header: Header) -> int:
@@ -104,19 +42,14 @@ def trace_length(header: Header) -> int:
     return length
 
 
-def _text(value: str, eol: bytes) -> bytes:
-    # Our own header values are ASCII; fold nothing, strip line breaks a value may carry.
-    return value.replace("\r", " ").replace("\n", " ").encode("ascii", "replace") + eol
-
-
-def spam_fields(result: ScanResult, eol: bytes) -> bytes:
+def spam_fields(result: ScanResult, eol: bytes) -> list[bytes]:
     score = "" if result.score is None else f" score={result.score:.1f}"
     required = "" if result.threshold is None else f" required={result.threshold:.1f}"
     tests = f" tests={','.join(result.rules)}" if result.rules else ""
     scanners = ",".join(result.scanners) or "unknown"
-    return (_text("X-Spam-Flag: YES", eol)
-            + _text(f"X-Spam-Status: Yes,{score}{required}{tests}"[:900], eol)
-            + _text(f"X-Mailgate-Scan: spam; scanners={scanners}", eol))
+    return [field("X-Spam-Flag", "YES", eol),
+            field("X-Spam-Status", f"Yes,{score}{required}{tests}"[:900], eol),
+            field(SCAN_FIELD, f"spam; scanners={scanners}", eol)]
 
 
 def tag_spam(header: Header, result: ScanResult, subject_prefix: str, protected: int) -> bytes:
@@ -125,23 +58,14 @@ def tag_spam(header: Header, result: ScanResult, subject_prefix: str, protected:
     The Subject gets `subject_prefix` unless it already has it or it lies within the first
     `protected` octets (already sent by the keep-alive; trace fields never include it).
     """
-    fields = [raw for _name, raw in header.fields]
-    subject_at = header.offset_of("subject")
-    prefix = subject_prefix.encode("utf-8")
-    if prefix and subject_at is not None and subject_at >= protected:
-        index = [name for name, _raw in header.fields].index("subject")
-        raw = fields[index]
-        name, _, value = raw.partition(b":")
-        if not value.lstrip().startswith(prefix.strip()):
-            fields[index] = name + b": " + prefix + value.lstrip(b" \t")
-    elif prefix and subject_at is None:
-        fields.append(b"Subject: " + prefix.rstrip() + header.eol)
-    return b"".join(fields) + spam_fields(result, header.eol)
+    return tag_header(header, spam_fields(result, header.eol), remove=OUR_FIELDS,
+                      subject_prefix=subject_prefix, place="end", protected=protected)
 
 
-def unscanned(header: Header, reason: str) -> bytes:
+def unscanned(header: Header, reason: str, protected: int = 0) -> bytes:
     """The header section with a field saying the message passed unscanned (fail_mode pass)."""
-    return header.data + _text(f"X-Mailgate-Scan: unscanned; reason={reason}"[:900], header.eol)
+    return tag_header(header, [field(SCAN_FIELD, f"unscanned; reason={reason}"[:900],
+                                     header.eol)], place="end", protected=protected)
 
 
 def _display(value: bytes | None) -> str:
@@ -174,15 +98,15 @@ def build_notice(header: Header, result: ScanResult, *, size: int, quarantine_id
         out.append(b"To: " + original["to"] + eol)
     out.append(b"Date: " + (original["date"] or when.encode()) + eol)
     out.append(b"Subject: " + marker.encode() + b" " + (original["subject"] or b"") + eol)
-    out.append(_text(f"Message-ID: <{secrets.token_hex(12)}.notice@{hostname}>", eol))
+    out.append(field("Message-ID", f"<{secrets.token_hex(12)}.notice@{hostname}>", eol))
     if original["message-id"]:
         out.append(b"X-Mailgate-Original-Message-ID: " + original["message-id"] + eol)
-    out.append(_text("MIME-Version: 1.0", eol))
-    out.append(_text("Content-Type: text/plain; charset=utf-8", eol))
-    out.append(_text("Content-Transfer-Encoding: 8bit", eol))
+    out.append(field("MIME-Version", "1.0", eol))
+    out.append(field("Content-Type", "text/plain; charset=utf-8", eol))
+    out.append(field("Content-Transfer-Encoding", "8bit", eol))
     what = result.virus if result.verdict == "virus" else (result.reason or "banned")
     quarantined = f"; quarantine={quarantine_id}" if quarantine_id else ""
-    out.append(_text(f"X-Mailgate-Scan: {result.verdict}; found={what}{quarantined}", eol))
+    out.append(field(SCAN_FIELD, f"{result.verdict}; found={what}{quarantined}", eol))
     out.append(eol)
     lines = [
         f"The mail filter on your network (mailgate on {hostname}) removed a message",
@@ -195,7 +119,9 @@ def build_notice(header: Header, result: ScanResult, *, size: int, quarantine_id
         "",
         (f"The original was quarantined (id {quarantine_id}); ask your administrator if you "
          "need it." if quarantine_id else
-         "The original could not be quarantined; ask your administrator."),
+         # A failed quarantine write never gets here (the client gets -ERR [SYS/TEMP] and
+         # the message stays on the server); only a proxy run without a quarantine does.
+         "The original was not kept: this gateway has no quarantine."),
     ]
     body = "".join(line + eol.decode() for line in lines)
     out.append(body.encode("utf-8"))

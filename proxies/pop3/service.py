@@ -12,13 +12,13 @@ import functools
 import itertools
 import socket
 import ssl
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 from proxies import logs
 from proxies.config import Config
+from proxies.mail.limits import ConnectionGate
 from proxies.pop3.cache import ScanCache
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.errors import err
@@ -77,8 +77,7 @@ class Pop3Proxy:
             cache=ScanCache(config.cache_ttl), hostname=config.hostname or hostname,
             tls_server=tls_server, tls_client=client_context())
         self.servers: list[asyncio.Server] = []
-        self.by_client: Counter[str] = Counter()
-        self.active = 0
+        self.gate = ConnectionGate(config.max_connections, config.max_connections_per_client)
         self._ids = itertools.count(1)
 
     @property
@@ -129,24 +128,15 @@ class Pop3Proxy:
             writer.close()
             return
         client = info.client[0]
-        if (self.active >= self.config.max_connections
-                or self.by_client[client] >= self.config.max_connections_per_client):
+        if not self.gate.admit(client):
             logs.warning("pop3_refused", id=ident, client=client, reason="connection limit")
             writer.write(err("[SYS/TEMP] too many connections, try again later"))
             writer.close()
             return
-        self.active += 1
-        self.by_client[client] += 1
         source = client if self.spoof_source else None
         session = Pop3Session(self.context, ident, reader, writer, info, destination, source)
         task = self.context.spawn(session.run(), f"pop3-{ident}")
-        task.add_done_callback(lambda _task: self._finished(client))
-
-    def _finished(self, client: str) -> None:
-        self.active -= 1
-        self.by_client[client] -= 1
-        if self.by_client[client] <= 0:
-            del self.by_client[client]
+        task.add_done_callback(lambda _task: self.gate.release(client))
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Stop listening; give sessions `grace` seconds, then end them."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxies import logs, metrics
+from proxies.mail.headers import Header, parse_header
 from proxies.pop3 import rewrite, states
 from proxies.pop3.cache import CacheKey, ScanCache
 from proxies.pop3.codec import (
@@ -621,13 +622,13 @@ class Pop3Session:
 
     async def _fetch_spooled(self, command: Command, key: CacheKey | None, held: _Held,
                              spool: Spool, started: float) -> None:
-        header: rewrite.Header | None = None
+        header: Header | None = None
         while True:
             event = await self._server_event(held)
             if isinstance(event, BodyData):
                 spool.write(event.data)
                 if header is None and spool.size - len(event.data) < rewrite.HEADER_LIMIT:
-                    header = rewrite.parse_header(spool.head(rewrite.HEADER_LIMIT), False)
+                    header = parse_header(spool.head(rewrite.HEADER_LIMIT), False)
                     if header is not None:
                         held.keepalive.offer(header.data[:rewrite.trace_length(header)])
             elif isinstance(event, BodyEnd):
@@ -635,10 +636,10 @@ class Pop3Session:
             else:
                 raise _Abort("the server closed the connection mid-message", SERVER_GONE)
         if header is None:
-            header = rewrite.parse_header(spool.head(rewrite.HEADER_LIMIT),
-                                          spool.size <= rewrite.HEADER_LIMIT)
+            header = parse_header(spool.head(rewrite.HEADER_LIMIT),
+                                  spool.size <= rewrite.HEADER_LIMIT)
         if header is None:
-            header = rewrite.Header(b"", 0, b"\r\n", ())
+            header = Header(b"", 0, b"\r\n", ())
         cached = self.context.cache.get(key) if key is not None else None
         quarantine_id = cached.quarantine_id if cached else None
         if cached is not None:
@@ -648,9 +649,16 @@ class Pop3Session:
         else:
             result = await self._scan(spool.getvalue(), held)
         outcome = decide(result, self.config)
+        tempfail_reason = ("message too large to scan" if result is None or result.oversize
+                           else "content scanner failed")
         if outcome == "replace" and quarantine_id is None:
             assert result is not None
-            quarantine_id = await self._quarantine(spool, result, command)
+            try:
+                quarantine_id = await self._quarantine(spool, result, command)
+            except _QuarantineFailed:
+                # As SMTP answers 451: a notice would tell the client the message is gone
+                # while its original is nowhere, so the message stays on the server instead.
+                outcome, tempfail_reason = "tempfail", "quarantine write failed"
         if key is not None and result is not None and cached is None:
             self.context.cache.put(key, result, quarantine_id)
         self.messages += 1
@@ -668,13 +676,12 @@ class Pop3Session:
         logs.event("pop3_message", **fields)
         metrics.current.pop3_retrieval(outcome, fields["verdict"])
         if outcome == "tempfail":
-            reason = ("message too large to scan" if result is None or result.oversize
-                      else "content scanner failed")
             if held.keepalive.status_sent:
-                raise _Abort(reason)  # too late for -ERR: an incomplete download instead
+                # Too late for -ERR: an incomplete download instead.
+                raise _Abort(tempfail_reason)
             # The whole response was read, so the session goes on; the message stays.
             await self._send_client(err(f"[SYS/TEMP] message temporarily unavailable "
-                                        f"({reason}), try again later"))
+                                        f"({tempfail_reason}), try again later"))
             return
         assert result is not None or outcome == "deliver"
         pieces: Iterable[bytes]
@@ -687,7 +694,8 @@ class Pop3Session:
                                               held.keepalive.sent)], rest)
         elif outcome == "unscanned":
             assert result is not None
-            pieces = _chain([rewrite.unscanned(header, result.reason or "scanner failed")], rest)
+            pieces = _chain([rewrite.unscanned(header, result.reason or "scanner failed",
+                                               held.keepalive.sent)], rest)
         else:
             assert result is not None
             pieces = [rewrite.build_notice(header, result, size=spool.size,
@@ -747,6 +755,8 @@ class Pop3Session:
 
     async def _quarantine(self, spool: Spool, result: ScanResult,
                           command: Command) -> str | None:
+        """The quarantine id of the original, None when the proxy runs without a quarantine;
+        `_QuarantineFailed` when it could not be stored."""
         store = self.context.quarantine
         if store is None:
             return None
@@ -757,9 +767,13 @@ class Pop3Session:
         content = spool.getvalue()
         try:
             return await asyncio.to_thread(store.store, content, result, origin)
-        except Exception:
+        except Exception as exc:  # OSError from the disk, or whatever the store raises
             logs.error("pop3_quarantine_failed", id=self.ident, exc_info=True)
-            return None
+            raise _QuarantineFailed from exc
+
+
+class _QuarantineFailed(Exception):
+    """The original of a message to be replaced could not be stored in the quarantine."""
 
 
 @dataclass

@@ -7,9 +7,11 @@ Layout of the quarantine directory:
                 complete: an .eml without its .json is an interrupted store, removed by purge
     tmp/        files being written
 
-Both files are written to tmp/, flushed and fsynced, renamed into place (.eml first), then
-the directory is fsynced; only then does `store` return and the SMTP client get its 250
-(the queue's rule: nothing is acknowledged before it is on disk).
+Both files are written to tmp/ and fsynced, renamed into place (.eml first), then the
+directory is fsynced (`proxies.mail.durable`); only then does `store` return and the SMTP
+client get its 250, or the POP3 client the notice that names the entry (the queue's rule:
+nothing is acknowledged before it is on disk). When the write fails, neither does: SMTP
+answers 451 and POP3 -ERR [SYS/TEMP], so the message stays with the sender or the server.
 
 Ids sort by time: `20250131-235959-1a2b3c4d` (UTC, then random). Entries older than the
 retention period are removed by `purge`, which `list` and the daemon's start call.
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxies.mail.durable import fsync_directory, write_new_file
 from proxies.queue import Envelope, Queue
 from proxies.scan.api import ScanResult
 
@@ -95,21 +98,6 @@ class QuarantineEntry:
         )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 class Quarantine:
     """The quarantine in `directory` (created if missing, mode 0700: it holds other people's
     mail). `retention`: seconds an entry is kept. `clock` is for tests."""
@@ -150,11 +138,11 @@ class Quarantine:
         tmp_eml = self._tmp / f"{entry.id}.eml"
         tmp_json = self._tmp / f"{entry.id}.json"
         try:
-            _write_durably(tmp_eml, content)
-            _write_durably(tmp_json, json.dumps(entry.as_json(), indent=1).encode())
+            write_new_file(tmp_eml, content)
+            write_new_file(tmp_json, json.dumps(entry.as_json(), indent=1).encode())
             os.rename(tmp_eml, self._path(entry.id, "eml"))
             os.rename(tmp_json, self._path(entry.id, "json"))
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             for path in (tmp_eml, tmp_json, self._path(entry.id, "eml")):
                 with contextlib.suppress(OSError):

@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import IO
 
 from proxies import logs
+from proxies.mail.durable import fsync_directory as _fsync_dir
+from proxies.mail.durable import fsync_file as _fsync_path
 from proxies.queue import queuefile
 from proxies.queue.dsn import DsnRecipient, build_dsn, header_block
 from proxies.queue.model import (
@@ -82,18 +84,6 @@ _INFLIGHT: set[str] = set()
 def _write_error(exc: OSError, what: str) -> QueueWriteError:
     cls = QueueFullError if exc.errno in _DISK_FULL else QueueWriteError
     return cls(f"{what}: {exc.strerror or exc}")
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_path(path, os.O_DIRECTORY)
-
-
-def _fsync_path(path: Path, flags: int = 0) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, chunks: list[bytes]) -> None:

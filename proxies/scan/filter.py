@@ -14,9 +14,10 @@ What happens to a message (the README's table):
     oversize  [scan] oversize_action pass      250 with X-Mailgate-Scan: not scanned: WHY
 
 Actions: pass (deliver), tag (deliver with X-Spam-Flag/X-Spam-Score/X-Spam-Status and
-X-Mailgate-Scan, and [policy] subject_prefix for spam), reject (5xx at end of DATA),
-quarantine (kept in [quarantine] dir, not delivered, 250 with the quarantine id), drop
-(250, discarded, logged).
+X-Mailgate-Scan, any copies the sender forged removed, and [policy] subject_prefix for spam),
+reject (5xx at end of DATA), quarantine (kept in [quarantine] dir, not delivered, 250 with the
+quarantine id; 451 4.3.0 when it cannot be written), drop (250, discarded, logged). The table
+and the tagging are the POP3 proxy's too (`proxies.mail.actions`, `proxies.mail.tagging`).
 
 One policy per message. The filter runs once, at the end of DATA, and the reply to the final
 dot is the only answer SMTP gives for the content; it is the same for every recipient (RFC
@@ -46,6 +47,8 @@ from typing import Any
 
 from proxies import logs, metrics
 from proxies.filtering import Action, FilterInput, FilterVerdict, MessageFilter, NoFilter
+from proxies.mail.actions import ActionTable, action_for, parse_action
+from proxies.mail.tagging import OUR_FIELDS, SCAN_FIELD, field, sanitise, tag
 from proxies.quarantine import Quarantine
 from proxies.scan.api import ContentScanner, ScanResult
 from proxies.scan.clamd import ClamdClient
@@ -54,10 +57,7 @@ from proxies.scan.engine import MultiScanner, ScannerClient
 from proxies.scan.rspamd import RspamdClient
 from proxies.scan.rules import ContentRules
 from proxies.scan.spamd import SpamdClient
-from proxies.scan.tagging import field, sanitise, tag
 
-SCAN_HEADER = "X-Mailgate-Scan"
-SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
 TEMPFAIL_REPLY = "451 4.7.1 Message cannot be scanned now, try again later"
 # Entries kept by TimeoutMemory at most (the oldest go first).
 TIMEOUT_MEMORY_ENTRIES = 10000
@@ -124,6 +124,11 @@ class ScanFilter:
                  timeout_dir: Path | None = None) -> None:
         self.config = config
         self.policy = config.policy
+        self.actions = ActionTable(
+            spam=parse_action(config.policy.spam), virus=parse_action(config.policy.virus),
+            banned=parse_action(config.policy.banned),
+            oversize=parse_action(config.oversize_action), failed=parse_action(config.fail_mode),
+            spam_reject_score=config.policy.spam_reject_score)
         self.scanner = scanner
         self._quarantine = quarantine
         self.timeouts = TimeoutMemory(config.timeout_memory, clock,
@@ -161,30 +166,19 @@ class ScanFilter:
     # --- deciding ---------------------------------------------------------------------------
 
     def decide(self, result: ScanResult, content: bytes) -> tuple[Action, str]:
-        """The action for a scan result and, when it is not plain policy, why."""
-        policy = self.policy
-        if result.verdict == "clean":
-            return "pass", ""
-        if result.verdict == "spam":
-            limit = policy.spam_reject_score
-            if limit is not None and result.score is not None and result.score >= limit:
-                return "reject", f"spam score {result.score:g} >= {limit:g}"
-            return _action(policy.spam), ""
-        if result.verdict == "virus":
-            return _action(policy.virus), ""
-        if result.verdict == "banned":
-            return _action(result.action or policy.banned), ""
-        if result.oversize:
-            return _action(self.config.oversize_action), ""
-        if self.config.fail_mode == "pass":
-            return "pass", ""
-        if result.timed_out:
+        """The action for a scan result (`proxies.mail.actions`) and, when it is not plain
+        policy, why."""
+        action = action_for(result, self.actions)
+        if result.verdict == "spam" and self.actions.over_reject_score(result):
+            return action, f"spam score {result.score:g} >= {self.policy.spam_reject_score:g}"
+        if action == "tempfail" and result.verdict == "failed" and not result.oversize \
+                and result.timed_out:
             digest = hashlib.sha256(content).hexdigest()
             count = self.timeouts.record(digest)
             if count >= self.config.max_timeouts:
                 self.timeouts.forget(digest)
                 return "quarantine", f"scan timed out {count} times"
-        return "tempfail", ""
+        return action, ""
 
     # --- acting ---------------------------------------------------------------------------
 
@@ -194,8 +188,8 @@ class ScanFilter:
         if action == "pass":
             headers = []
             if result.verdict == "failed" or self.policy.add_scan_header:
-                headers = [field(SCAN_HEADER, scan_header_value(result))]
-            changed = tag(content, headers, remove=(SCAN_HEADER,)) if headers else None
+                headers = [field(SCAN_FIELD, scan_header_value(result))]
+            changed = tag(content, headers) if headers else None
             return FilterVerdict("pass", content=changed, reason=reason)
         if action == "tag":
             return FilterVerdict("tag", content=self.tagged(result, content), reason=reason)
@@ -220,8 +214,8 @@ class ScanFilter:
                                        f"tests={','.join(result.rules) or 'none'}"),
             ]
             prefix = self.policy.subject_prefix
-        headers.append(field(SCAN_HEADER, scan_header_value(result)))
-        return tag(content, headers, remove=(*SPAM_HEADERS, SCAN_HEADER), subject_prefix=prefix)
+        headers.append(field(SCAN_FIELD, scan_header_value(result)))
+        return tag(content, headers, remove=OUR_FIELDS, subject_prefix=prefix)
 
     async def _quarantine_message(self, result: ScanResult, why: str, message: FilterInput,
                                   content: bytes) -> FilterVerdict:
@@ -242,13 +236,6 @@ class ScanFilter:
                    sender=message.sender or "<>", rcpts=",".join(message.recipients))
         return FilterVerdict("quarantine", reply=f"250 2.0.0 Ok: quarantined as {entry_id}",
                              reason=reason)
-
-
-def _action(name: str) -> Action:
-    actions: dict[str, Action] = {"pass": "pass", "tag": "tag", "reject": "reject",
-                                  "quarantine": "quarantine", "drop": "drop",
-                                  "tempfail": "tempfail"}
-    return actions[name]
 
 
 def _describe(result: ScanResult) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,10 @@ from aiosmtpd.smtp import Envelope, Session
 from proxies import logs, metrics
 from proxies.config import SmtpConfig
 from proxies.filtering import FilterInput, MessageFilter
+
+# The connection limits in one process (answered with `421 4.7.0`, RFC 5321 3.8) are the ones
+# POP3 uses; imported here because the front ends' builders (run.py) take them from here.
+from proxies.mail.limits import ConnectionGate as ConnectionGate
 from proxies.queue import Envelope as QueueEnvelope
 from proxies.queue import Queue, QueueFullError, QueueWriteError
 from proxies.smtp.addresses import RelayPolicy
@@ -67,31 +70,6 @@ def format_hostport(hostport: tuple[str, int] | None) -> str:
         return "-"
     host, port = hostport
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class ConnectionGate:
-    """Connection limits in one process: total and per client address (Postfix's
-    smtpd_client_connection_count_limit), answered with `421 4.7.0` (RFC 5321 3.8). With
-    workers the master's counts are the one owner (proxies/process.py, ConnectionSlots)."""
-
-    def __init__(self, total: int, per_client: int) -> None:
-        self.total = total
-        self.per_client = per_client
-        self.by_client: Counter[str] = Counter()
-        self.count = 0
-
-    def admit(self, client: str) -> bool:
-        if self.count >= self.total or self.by_client[client] >= self.per_client:
-            return False
-        self.count += 1
-        self.by_client[client] += 1
-        return True
-
-    def release(self, client: str) -> None:
-        self.count -= 1
-        self.by_client[client] -= 1
-        if self.by_client[client] <= 0:
-            del self.by_client[client]
 
 
 class GatewayHandler:

@@ -29,7 +29,7 @@ from netsetup.lab.peers.postfix import Postfix
 from netsetup.lab.peers.sink import SinkMessage, SmtpSink, swaks
 from netsetup.lab.peers.spamd import GTUBE, Spamd
 from netsetup.lab.topology import Lab
-from proxies.scan.tagging import split_message
+from proxies.mail.headers import split_message
 from tests.unit.scan_messages import plain, with_attachments, zipped
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,10 +20,10 @@ from netsetup.lab.peers._common import in_netns
 from netsetup.lab.peers.rspamd import GTUBE, Rspamd, RspamdInstance
 from netsetup.lab.peers.sink import SmtpSink
 from netsetup.lab.topology import Lab
+from proxies.mail.headers import split_message
 from proxies.scan.api import ScanResult
 from proxies.scan.config import ScannerConfig, SocketAddress
 from proxies.scan.rspamd import RspamdClient
-from proxies.scan.tagging import split_message
 from tests.lab.test_filtering import (
     NETWORK,
     PYTHON,

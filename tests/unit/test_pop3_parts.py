@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from netsetup.configfile import Section
+from proxies.mail.headers import parse_header
 from proxies.pop3 import rewrite
 from proxies.pop3.cache import CacheKey, ScanCache
 from proxies.pop3.config import Pop3Config, pop3_from_section
@@ -73,7 +74,7 @@ VIRUS = ScanResult("virus", virus="Eicar-Test-Signature", scanners=("clamd",))
 
 def test_trace_block_and_tagging_keep_the_original_prefix() -> None:
     original = message("hello", trace=2)
-    header = rewrite.parse_header(original, complete=True)
+    header = parse_header(original, complete=True)
     assert header is not None
     trace = original[:rewrite.trace_length(header)]
     assert trace.startswith(b"Return-Path:") and trace.count(b"Received:") == 2
@@ -84,16 +85,37 @@ def test_trace_block_and_tagging_keep_the_original_prefix() -> None:
     assert tagged.endswith(b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, score=1000.0 "
                            b"required=5.0 tests=GTUBE\r\nX-Mailgate-Scan: spam; "
                            b"scanners=spamd\r\n")
-    again = rewrite.parse_header(tagged + b"\r\nbody", complete=True)
+    again = parse_header(tagged + b"\r\nbody", complete=True)
     assert again is not None
     assert b"[SPAM] [SPAM]" not in rewrite.tag_spam(again, SPAM, "[SPAM] ", 0)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["crlf", "lf"])
+def test_tagging_removes_forged_copies_of_our_fields(eol: bytes) -> None:
+    """A sender's `X-Spam-Flag: NO` must not stand above ours, as SMTP tagging has it
+    (test_scan_filter.py); the trace fields the keep-alive may have sent stay first."""
+    forged = (b"X-Spam-Flag: NO\r\nx-spam-score: -100\r\nX-Spam-Status : No,\r\n\tscore=-100"
+              b"\r\nX-Mailgate-Scan: clean\r\n")
+    plain_message = message("hello", trace=2)
+    at = plain_message.index(b"From:")
+    forged_message = plain_message[:at] + forged + plain_message[at:]
+    header, clean_header = (parse_header(m.replace(b"\r\n", eol), complete=True)
+                            for m in (forged_message, plain_message))
+    assert header is not None and clean_header is not None
+    trace = header.data[:rewrite.trace_length(header)]
+    tagged = rewrite.tag_spam(header, SPAM, "[SPAM] ", protected=len(trace))
+    assert tagged == rewrite.tag_spam(clean_header, SPAM, "[SPAM] ", protected=len(trace))
+    assert tagged.startswith(trace) and tagged.count(b"X-Spam-Flag") == 1
+    assert b"NO" not in tagged and b"-100" not in tagged
+    unscanned = rewrite.unscanned(header, "scanner failed")
+    assert unscanned.count(b"X-Mailgate-Scan:") == 1
 
 
 def test_notice_is_well_formed_and_starts_with_the_trace() -> None:
     import email
 
     original = message("=?utf-8?q?R=C3=A9sum=C3=A9?=", trace=1)
-    header = rewrite.parse_header(original, complete=True)
+    header = parse_header(original, complete=True)
     assert header is not None
     notice = rewrite.build_notice(header, VIRUS, size=len(original), quarantine_id="q1",
                                   hostname="gw.example")
@@ -105,17 +127,6 @@ def test_notice_is_well_formed_and_starts_with_the_trace() -> None:
     body = parsed.get_payload(decode=True)
     assert isinstance(body, bytes)
     assert "Résumé".encode() in body and b"Eicar-Test-Signature" in body and b"q1" in body
-
-
-def test_header_parsing_edge_cases() -> None:
-    assert rewrite.parse_header(b"A: b\r\n", complete=False) is None
-    header = rewrite.parse_header(b"A: b\r\n", complete=True)
-    assert header is not None and header.data == b"A: b\r\n"
-    header = rewrite.parse_header(b"\r\nbody", complete=True)
-    assert header is not None and header.data == b"" and header.body_start == 2
-    header = rewrite.parse_header(b"Subject: a\n folded\nX: y\n\nbody", complete=True)
-    assert header is not None and header.eol == b"\n"
-    assert header.first("subject") == b"a folded"
 
 
 # --- keep-alive ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from tests.unit.test_pop3_support import (
     message,
     zipped_eicar_message,
 )
+from tests.unit.test_quarantine_store import broken_quarantine
 
 T = TypeVar("T")
 CONFIG = Pop3Config(enabled=True, server_timeout=2.0, keepalive_after=30.0)
@@ -46,11 +47,14 @@ def clean(n: int) -> bytes:
 
 async def with_proxy(messages: list[bytes], client: Callable[[int], T], *,
                      config: Pop3Config = CONFIG, scanner: ContentScanner | None = None,
-                     quarantine_dir: Path | None = None, misbehave: str | None = None,
+                     quarantine_dir: Path | None = None, quarantine: Quarantine | None = None,
+                     misbehave: str | None = None,
                      check: Callable[[FakeServer, Pop3Proxy], Awaitable[None]] | None = None
                      ) -> T:
     server = await FakeServer(messages, misbehave=misbehave).start()
-    store = SharedQuarantine(Quarantine(quarantine_dir)) if quarantine_dir else None
+    if quarantine_dir is not None:
+        quarantine = Quarantine(quarantine_dir)
+    store = SharedQuarantine(quarantine) if quarantine is not None else None
     proxy = Pop3Proxy(config, scanner=scanner, quarantine=store,
                       spoof_source=False, families=(4,), transparent=False,
                       destination=("127.0.0.1", server.port))
@@ -204,6 +208,52 @@ def test_spam_is_tagged_virus_replaced_and_quarantined(tmp_path: Path) -> None:
     for entry in entries:
         assert entry.id.encode() in (notice + zipped + top)
     assert scanner.scans == 4  # the second RETR 2 came from the cache
+
+
+def test_forged_spam_fields_are_removed() -> None:
+    """The client's filter reads our X-Spam-Flag, not the sender's (as SMTP tagging has it:
+    test_scan_filter.py)."""
+    spam = message("cheap pills", b"Buy now.\r\n" + GTUBE + b"\r\n",
+                   extra_headers=b"X-Spam-Flag: NO\r\nX-Spam-Status: No, score=-50\r\n")
+
+    def client(port: int) -> bytes:
+        pop = login(port)
+        content = retr(pop, 1)
+        pop.quit()
+        return content
+
+    tagged = run(with_proxy([spam], client, scanner=PatternScanner()))
+    assert tagged.count(b"X-Spam-Flag:") == 1 and b"X-Spam-Flag: YES\r\n" in tagged
+    assert tagged.count(b"X-Spam-Status:") == 1 and b"score=-50" not in tagged
+
+
+def test_a_failed_quarantine_write_gives_err_and_leaves_the_message(tmp_path: Path) -> None:
+    """No notice for an original that is kept nowhere: -ERR [SYS/TEMP], the session goes on,
+    the message stays on the server (as SMTP answers 451: test_scan_filter.py)."""
+    virus = message("invoice", EICAR + b"\r\n")
+
+    def client(port: int) -> list[str]:
+        pop = login(port)
+        answers = []
+        for _ in range(2):  # the second time too: a scan result cached must not yield a notice
+            try:
+                answers.append(retr(pop, 1).decode(errors="replace"))
+            except poplib.error_proto as exc:
+                answers.append(str(exc))
+        answers.append(repr(pop.stat()))  # still there, the session still going
+        pop.quit()
+        return answers
+
+    async def check(server: FakeServer, proxy: Pop3Proxy) -> None:
+        assert server.deleted == set()
+
+    scanner = PatternScanner()
+    answers = run(with_proxy([virus], client, scanner=scanner, check=check,
+                             quarantine=broken_quarantine(tmp_path / "q")))
+    for answer in answers[:2]:
+        assert "-ERR [SYS/TEMP]" in answer and "quarantine write failed" in answer, answer
+    assert answers[2] == repr((1, len(virus)))
+    assert scanner.scans == 1  # the verdict was remembered; only the write is retried
 
 
 def test_scanner_failure_tempfails_and_leaves_the_message() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 from pathlib import Path
@@ -77,6 +78,42 @@ def test_retention_purges_old_entries_and_debris(tmp_path: Path) -> None:
     assert not debris.exists()
     with pytest.raises(NoSuchEntry):
         quarantine.entry(old)
+
+
+def broken_quarantine(directory: Path) -> Quarantine:
+    """A quarantine every write to fails, even as root (who writes into a read-only directory
+    regardless): its tmp/ is a plain file, so nothing can be created in it."""
+    quarantine = Quarantine(directory)
+    (directory / "tmp").rmdir()
+    (directory / "tmp").write_bytes(b"")
+    return quarantine
+
+
+def test_a_failed_write_raises_and_keeps_nothing(tmp_path: Path) -> None:
+    quarantine = broken_quarantine(tmp_path / "q")
+    with pytest.raises(OSError):
+        store(quarantine)
+    assert quarantine.list() == [] and list((tmp_path / "q").glob("*.eml")) == []
+
+
+def test_a_failed_fsync_leaves_no_half_entry(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up between the message and its .json: neither stays behind."""
+    quarantine = Quarantine(tmp_path / "q")
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        store(quarantine)
+    assert len(calls) == 2
+    assert [p.name for p in (tmp_path / "q").rglob("*") if p.is_file()] == []
 
 
 def test_release_queues_for_the_original_recipients(tmp_path: Path) -> None:

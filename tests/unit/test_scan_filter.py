@@ -14,8 +14,8 @@ from proxies.scan.api import ScanResult
 from proxies.scan.config import PolicyConfig, QuarantineConfig, ScanConfig
 from proxies.scan.engine import combine
 from proxies.scan.filter import ScanFilter, build_filter, build_scanner
-from proxies.scan.tagging import split_message, tag
 from tests.unit.scan_messages import plain
+from tests.unit.test_quarantine_store import broken_quarantine
 
 MESSAGE = plain(subject="Cheap stuff", body="Buy now.\r\n.dot line\r\n")
 INPUT = FilterInput("alice@sender.example", ("bob@example.com",), "192.0.2.10", "sender",
@@ -68,6 +68,28 @@ def test_spam_is_tagged_exactly(tmp_path: Path) -> None:
     assert verdict.content == expected
 
 
+@pytest.mark.parametrize("forged", [
+    b"X-Spam-Flag: NO\r\n",
+    b"x-spam-flag: NO\r\n",  # field names are case-insensitive (RFC 5322 1.2.2)
+    b"X-Spam-Flag : NO\r\n",  # obsolete white space before the colon (RFC 5322 4.5)
+    b"X-Spam-Score: -100\r\n",
+    b"X-Spam-Status: No,\r\n\tscore=-100\r\n",  # folded
+    b"X-Mailgate-Scan: clean (clamd)\r\n",
+], ids=["flag", "lower-case", "space-before-colon", "score", "folded-status", "scan"])
+def test_forged_copies_of_our_fields_are_removed(forged: bytes, tmp_path: Path) -> None:
+    """Wherever the sender put them, so the first one a reader finds is ours; the POP3 side
+    of the same rule: test_pop3_parts.py and test_pop3_proxy.py."""
+    head, _, body = MESSAGE.partition(b"\r\n\r\n")
+    content = forged + head + b"\r\n" + forged + b"\r\n" + body  # on top and among the rest
+    tagged = run_filter(SPAM, tmp_path, content).content
+    assert tagged == run_filter(SPAM, tmp_path).content
+    # A clean message that only gets X-Mailgate-Scan loses a forged one of those too.
+    clean = ScanResult("clean", scanners=("clamd",))
+    if forged.startswith(b"X-Mailgate-Scan"):
+        assert run_filter(clean, tmp_path, content, add_scan_header=True).content == \
+            b"X-Mailgate-Scan: clean (clamd)\r\n" + MESSAGE
+
+
 def test_spam_above_the_reject_score_is_rejected(tmp_path: Path) -> None:
     verdict = run_filter(dataclasses.replace(SPAM, score=20.0), tmp_path,
                          spam_reject_score=15.0)
@@ -108,6 +130,19 @@ def test_policy_actions(action: str, tmp_path: Path) -> None:
         entry = quarantine.entry(entry_id)
         assert entry.result == result
         assert entry.original_destination == ("198.51.100.25", 25)
+
+
+def test_a_failed_quarantine_write_answers_451(tmp_path: Path) -> None:
+    """The sender keeps the message and retries; the POP3 side of the same rule (-ERR
+    [SYS/TEMP], never a notice): test_pop3_proxy.py."""
+    config = ScanConfig(policy=PolicyConfig(virus="quarantine"),
+                        quarantine=QuarantineConfig(dir=tmp_path / "q"))
+    scan_filter = ScanFilter(config, FixedScanner(ScanResult("virus", virus="V")),
+                             broken_quarantine(tmp_path / "q"))
+    verdict = asyncio.run(scan_filter.check(INPUT, MESSAGE))
+    assert (verdict.action, verdict.reply) == ("tempfail",
+                                               "451 4.3.0 Error: quarantine write error")
+    assert Quarantine(tmp_path / "q", create=False).list() == []
 
 
 def test_a_header_rule_action_overrides_the_banned_policy(tmp_path: Path) -> None:
@@ -164,20 +199,6 @@ def test_combine_orders_by_severity() -> None:
     failing = combine([clean, failed, SPAM])
     assert failing.verdict == "failed" and failing.timed_out
     assert failing.reason == "spamd: timeout"
-
-
-def test_tagging_keeps_everything_else() -> None:
-    body_only = b"\r\nno headers\r\n"
-    assert tag(body_only, [b"X-A: 1\r\n"]) == b"X-A: 1\r\n" + body_only
-    headers_only = b"Subject: x\r\nFrom: a@b"
-    assert tag(headers_only, [], subject_prefix="[S] ") == b"Subject: [S] x\r\nFrom: a@b\r\n"
-    no_subject = b"From: a@b\r\n\r\nbody"
-    assert tag(no_subject, [], subject_prefix="[S] ") == \
-        b"From: a@b\r\nSubject: [S]\r\n\r\nbody"
-    already = b"Subject: [S] x\r\n\r\n"
-    assert tag(already, [], subject_prefix="[S] ") == already
-    fields, rest = split_message(b"A: 1\r\n 2\r\nB: 3\r\n\r\nbody")
-    assert fields == [b"A: 1\r\n 2\r\n", b"B: 3\r\n"] and rest == b"\r\nbody"
 
 
 def test_build_filter_and_scanner(tmp_path: Path) -> None:
