@@ -134,10 +134,12 @@ def test_poke_master_signals_only_a_live_daemon(tmp_path: Path) -> None:
     assert poke_master(tmp_path) is None  # no pid file
     (tmp_path / PID_FILE).write_text("999999999\n")
     assert poke_master(tmp_path) is None  # stale pid
-    # A stand-in daemon that says "proxies" in its command line and counts SIGUSR1s.
+    # A stand-in daemon that says "proxies" in its command line and counts SIGUSR1s. The
+    # handler writes with os.write: a print() there can land inside the print of 'ready' the
+    # parent already read, and a reentrant BufferedWriter raises (seen once, in a fresh root).
     daemon = subprocess.Popen(
-        [sys.executable, "-c", "import signal, sys, time  # proxies daemon\n"
-         "signal.signal(signal.SIGUSR1, lambda *a: print('rescan', flush=True))\n"
+        [sys.executable, "-c", "import os, signal, sys, time  # proxies daemon\n"
+         "signal.signal(signal.SIGUSR1, lambda *a: os.write(1, b'rescan\\n'))\n"
          "print('ready', flush=True)\ntime.sleep(30)\n"],
         stdout=subprocess.PIPE, text=True)
     try:
