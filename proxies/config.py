@@ -74,6 +74,21 @@ class SmtpConfig:
     # "mailgate": our sans-I/O core on an asyncio.Protocol; "aiosmtpd": aiosmtpd's own SMTP
     # class through its public API, the reference the differential tests hold ours against.
     frontend: str = "mailgate"
+    # Recipient verification (proxies.smtp.verify; Postfix's reject_unverified_recipient):
+    # RCPT for our domains is answered with what the next hop says of the recipient.
+    verify_recipients: bool = True
+    # The next hop unreachable or 4xx: "tempfail" (450 4.1.1) or "accept" (queue it).
+    verify_unreachable: str = "tempfail"
+    # Clients in relay_networks (our own users) are verified too.
+    verify_relay_networks: bool = False
+    # How long results are believed: Postfix's address_verify_positive_refresh_time (7d) and
+    # address_verify_negative_refresh_time (3h); results that say nothing of the recipient
+    # (unreachable, 4xx) only briefly.
+    verify_positive_ttl: float = 7 * 86400.0
+    verify_negative_ttl: float = 3 * 3600.0
+    verify_tempfail_ttl: float = 60.0
+    # A probe's whole conversation; the client waits this long at most for its RCPT reply.
+    verify_timeout: float = 20.0
 
     def transport_for(self, domain: str) -> tuple[str, int] | None:
         domain = domain.lower().rstrip(".")
@@ -144,9 +159,20 @@ def _smtp_from_section(section: Section) -> SmtpConfig:
             "delivery_concurrency", defaults.delivery_concurrency, 1, 1000),
         workers=section.integer("workers", defaults.workers, 1, 64),
         frontend=section.choice("frontend", ("mailgate", "aiosmtpd"), "mailgate"),
+        verify_recipients=section.boolean("verify_recipients", defaults.verify_recipients),
+        verify_unreachable=section.choice("verify_unreachable", ("tempfail", "accept"),
+                                          defaults.verify_unreachable),
+        verify_relay_networks=section.boolean("verify_relay_networks",
+                                              defaults.verify_relay_networks),
+        verify_positive_ttl=section.duration("verify_positive_ttl", defaults.verify_positive_ttl),
+        verify_negative_ttl=section.duration("verify_negative_ttl", defaults.verify_negative_ttl),
+        verify_tempfail_ttl=section.duration("verify_tempfail_ttl", defaults.verify_tempfail_ttl),
+        verify_timeout=section.duration("verify_timeout", defaults.verify_timeout),
     )
     section.check("retry_min is at most retry_max", "retry_min",
                   config.retry_min <= config.retry_max, "must not be larger than retry_max")
+    if config.verify_timeout <= 0:
+        section.problem("verify_timeout", "must be more than 0")
     if config.max_message_size < 1024:
         section.problem("max_message_size", "must be at least 1024 bytes")
     return config

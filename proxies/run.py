@@ -28,6 +28,7 @@ import os
 import pickle
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from proxies.smtp.delivery import DeliveryAgent
 from proxies.smtp.frontend import Gate, MailgateFrontEnd
 from proxies.smtp.handler import ConnectionGate, GatewayHandler
 from proxies.smtp.reference import AiosmtpdFrontEnd
+from proxies.smtp.verify import RecipientVerifier
 from proxies.tls import TlsSetupError, client_context, ensure_self_signed, server_context
 from proxies.transparent import TransparentError, make_listeners, set_egress_mark
 
@@ -120,6 +122,22 @@ def _server_tls(config: Config) -> ssl.SSLContext | None:
         return server_context(*ensure_self_signed(smtp.queue_dir / "tls", smtp.hostname))
 
 
+def _verifier(config: Config) -> RecipientVerifier | None:
+    """The recipient verifier of a process that answers SMTP clients (its result cache is the
+    one file every such process shares, in the queue directory)."""
+    if not config.smtp.verify_recipients:
+        return None
+    what = (f"recipient verification cache in {config.smtp.queue_dir} (smtp.queue_dir; "
+            "smtp.verify_recipients = false turns verification off)")
+    with _starting(what):
+        try:
+            return RecipientVerifier.open(
+                config.smtp, spoof_source=config.network.spoof_source,
+                tls_context=client_context() if config.smtp.tls else None)
+        except sqlite3.Error as exc:  # a corrupt or foreign file where the cache should be
+            raise StartupError(f"{what}: {exc}") from None
+
+
 def _stop_event() -> asyncio.Event:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -155,7 +173,9 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
                           tls_context=client_context() if smtp.tls else None)
     if message_filter is None:
         message_filter = build_filter(config.scan)
-    handler = GatewayHandler(smtp, queue, message_filter, on_queued=agent.wake)
+    # With acceptor workers this handler answers nobody: only they verify recipients.
+    handler = GatewayHandler(smtp, queue, message_filter, on_queued=agent.wake,
+                             verifier=None if acceptors else _verifier(config))
     front = make_front_end(config, handler, tls_server)
     if not acceptors:
         await _start_front(front, config)
@@ -390,7 +410,7 @@ async def serve_acceptor(config: Config, notify_fd: int, gate: Gate,
             os.write(notify_fd, line.encode() + b"\n")
 
     handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
-                             on_queued=tell_master)
+                             on_queued=tell_master, verifier=_verifier(config))
     front = make_front_end(config, handler, _server_tls(config), gate)
     await _start_front(front, config)
     stop = _stop_event()
@@ -451,6 +471,9 @@ def _run(config: Config) -> int:
     # would race for them.
     _open_queue(config).close()
     _server_tls(config)
+    verifier = _verifier(config)  # the verification cache's file and tables, likewise
+    if verifier is not None:
+        verifier.cache.close()
     # SO_REUSEPORT would let a second mailgate share the port unnoticed; a plain bind first
     # fails if anything (another instance included) holds it.
     with _starting(f"cannot listen on port {config.smtp.listen_port} (smtp.listen)"):

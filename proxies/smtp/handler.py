@@ -36,6 +36,7 @@ from proxies.smtp.dataframe import (
     find_nul,
     normalise_line_endings,
 )
+from proxies.smtp.verify import RecipientVerifier
 from proxies.transparent import original_destination
 
 _NOT_LOOKED = object()
@@ -76,8 +77,11 @@ class GatewayHandler:
     """aiosmtpd handler hooks: the proxy's policy for each command."""
 
     def __init__(self, config: SmtpConfig, queue: Queue, message_filter: MessageFilter,
-                 on_queued: Callable[[str], None] | None = None) -> None:
+                 on_queued: Callable[[str], None] | None = None,
+                 verifier: RecipientVerifier | None = None) -> None:
         self.config = config
+        # Recipient verification (proxies.smtp.verify); None: [smtp] verify_recipients = false.
+        self.verifier = verifier
         self.queue = queue
         self.filter = message_filter
         self.on_queued = on_queued
@@ -143,6 +147,18 @@ class GatewayHandler:
             logs.event("smtp_rcpt_rejected", conn=client.connection_id,
                        client=client.client_address, rcpt=address, reply=verdict.reply)
             return verdict.reply
+        if (self.verifier is not None and verdict.address is not None
+                and self.verifier.applies(verdict.address, client.client_address)):
+            # Before the 250: a recipient the server refuses is refused here, in the session,
+            # so that we never have to bounce it to a (most likely forged) sender.
+            checked = await self.verifier.verify(verdict.address, client.original_destination,
+                                                 client.client_address, client.connection_id)
+            if not checked.accepted:
+                metrics.current.smtp_recipient_refused(
+                    "unknown_recipient" if checked.status == "refused" else "unverified")
+                logs.event("smtp_rcpt_rejected", conn=client.connection_id,
+                           client=client.client_address, rcpt=address, reply=checked.reply)
+                return checked.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
