@@ -75,6 +75,14 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([Problem(str(path), "-", "is a directory, not a file")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(str(path), "-", f"not valid TOML: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the whole file first: a Latin-1 "é" in a comment ends up here.
+        raise ConfigError([Problem(str(path), "-", f"not valid TOML, which is UTF-8: {exc}")]
+                          ) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively, without a limit.
+        raise ConfigError([Problem(str(path), "-", "not valid TOML: nested too deeply")]
+                          ) from None
     problems = [
         Problem(str(path), name, f"unknown section (known: {', '.join(KNOWN_SECTIONS)})")
         for name in data

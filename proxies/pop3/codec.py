@@ -239,7 +239,9 @@ class ClientReader:
         try:
             line = _take_line(self._buffer, self.max_line)
         except ValueError:
-            self._buffer.clear()
+            # Drop only what was read of the overlong line: the loop above drops its rest, up
+            # to its LF, and the lines after it (pipelined) may be in the buffer already.
+            del self._buffer[: self.max_line]
             self._discarding = True
             raise RemoteProtocolError(
                 "client line too long", err(f"line too long (at most {self.max_line} octets)")

@@ -171,6 +171,14 @@ def _envelope_from_json(data: Mapping[str, Any]) -> Envelope:
     )
 
 
+# What decoding a record whose checksum matched can raise when its JSON is not what we write
+# (another version's file, a hand edit): a value of the wrong type (a list where an object
+# belongs: AttributeError), out of range (10**400 or Infinity as a float or an int:
+# OverflowError) or nested past the JSON decoder's recursion limit.
+_BAD_RECORD = (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+               RecursionError)
+
+
 @dataclass(frozen=True)
 class ParsedFile:
     envelope: Envelope
@@ -185,7 +193,7 @@ def parse(handle: IO[bytes], *, with_content: bool = False) -> ParsedFile:
     """Read a queue file; raise CorruptQueueFile if it is incomplete or damaged."""
     try:
         return _parse(handle, with_content)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except _BAD_RECORD as exc:
         raise CorruptQueueFile(f"bad envelope: {exc}") from None
 
 
@@ -228,7 +236,7 @@ def _parse(handle: IO[bytes], with_content: bool) -> ParsedFile:
             break
         try:
             state = _state_from_json(json.loads(body))
-        except (ValueError, KeyError, TypeError):
+        except _BAD_RECORD:
             break
         valid_end = handle.tell()
     if len(state.recipients) != len(envelope.recipients):

@@ -226,7 +226,9 @@ def _header_rule(value: object) -> HeaderRule:
         raise ValueError(f"regex: expected a string, got {regex!r}")
     try:
         pattern = re.compile(regex)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
+        # OverflowError: a repeat count over 2**32 ("a{4294967296}"); RecursionError: groups
+        # nested a thousand deep. Both are re.compile's, not ours.
         raise ValueError(f"regex: not a valid regular expression: {exc}") from None
     if action not in HEADER_RULE_ACTIONS:
         raise ValueError(f"action: must be one of {', '.join(map(repr, HEADER_RULE_ACTIONS))}, "

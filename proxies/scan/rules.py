@@ -125,20 +125,25 @@ def _decoded(value: object) -> str:
     text = str(value)
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, email.errors.HeaderParseError):
+    except (ValueError, LookupError, email.errors.MessageError):
+        # MessageError: HeaderParseError, and CharsetError for a charset name that is not
+        # ASCII ("=?utf\xad8?q??=").
         return text
 
 
 def _filename(part: email.message.Message) -> str | None:
     try:
         name = part.get_filename()  # filename= of Content-Disposition, else name=; RFC 2231
-    except (ValueError, LookupError):
+    except (ValueError, LookupError, TypeError):
+        # TypeError: RFC 2231 continuations with and without a number ('filename*0="";
+        # filename*'), which the stdlib sorts together (None < 0).
         return None
     return _decoded(name) if name else None
 
 
 def _is_attachment(part: email.message.Message) -> bool:
-    return (part.get("Content-Disposition") or "").strip().lower().startswith("attachment")
+    # str(): compat32 gives a header with raw 8-bit octets as a Header object, not a str.
+    return str(part.get("Content-Disposition") or "").strip().lower().startswith("attachment")
 
 
 def _zip_members(data: bytes, depth: int) -> Iterator[str]:

@@ -116,7 +116,13 @@ def _is_canonical_u_label(label: str, ascii_label: str) -> bool:
     # fullwidth forms, zero-width joiners, "ß" -> "ss", even a fullwidth dot into a real one.
     # A label that changes in that mapping could mean one domain here and another to the next
     # resolver, so only labels that survive the round trip are accepted.
-    return idna.ToUnicode(ascii_label) == label.lower() and bool(_LDH_LABEL.fullmatch(ascii_label))
+    # ToUnicode raises UnicodeError for an A-label that does not decode ("xn--ss", the ToASCII
+    # of "xn--\u00df"): not canonical either.
+    try:
+        decoded = idna.ToUnicode(ascii_label)
+    except UnicodeError:
+        return False
+    return decoded == label.lower() and bool(_LDH_LABEL.fullmatch(ascii_label))
 
 
 def normalise_domain(domain: str) -> str:
@@ -137,9 +143,10 @@ def normalise_domain(domain: str) -> str:
             if not _LDH_LABEL.fullmatch(lowered):
                 raise AddressSyntaxError(f"bad domain label {label!r}")
             if lowered.startswith("xn--"):
-                # An A-label must decode, and re-encode to itself.
-                unicode_label = idna.ToUnicode(lowered)
+                # An A-label must decode, and re-encode to itself; one that is not valid
+                # punycode ("xn--a") makes ToUnicode raise UnicodeError.
                 try:
+                    unicode_label = idna.ToUnicode(lowered)
                     again = idna.ToASCII(unicode_label).decode("ascii")
                 except UnicodeError as exc:
                     raise AddressSyntaxError(f"bad A-label {label!r}") from exc
