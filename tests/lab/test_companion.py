@@ -109,15 +109,28 @@ def gateway_pids(lab: Lab) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
-def test_mailgate_run_starts_restarts_and_stops_the_interceptor(lab_factory: LabFactory,
-                                                                tmp_path: Path) -> None:
-    lab = lab_factory("router", name=f"cmp{secrets.token_hex(2)}")
+def gateway_lab(lab_factory: LabFactory, tmp_path: Path, prefix: str) -> Lab:
+    """A router lab with the config written and netsetup applied in its gateway."""
+    lab = lab_factory("router", name=f"{prefix}{secrets.token_hex(2)}")
     config = tmp_path / "mailgate.toml"
     config.write_text(config_text(tmp_path))
     result = lab.run(lab.gateway, [PYTHON, "-m", "netsetup.cli", "--config", str(config),
                                    "--state-file", str(tmp_path / "netsetup.json"), "apply"],
                      check=False, cwd=ROOT, timeout=60)
     assert result.returncode == 0, f"netsetup apply:\n{result.stdout}\n{result.stderr}"
+    return lab
+
+
+def start_mailgate(lab: Lab, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return lab.spawn(lab.gateway, [PYTHON, "-m", "proxies.cli", "run", "--config",
+                                       str(tmp_path / "mailgate.toml")], stdout=out,
+                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+
+
+def test_mailgate_run_starts_restarts_and_stops_the_interceptor(lab_factory: LabFactory,
+                                                                tmp_path: Path) -> None:
+    lab = gateway_lab(lab_factory, tmp_path, "cmp")
     server = JsonLines(lab.spawn(lab.server, [PYTHON, "-m", "tests.lab.tcp_probes", "serve",
                                               "--port", "25"], stdout=subprocess.PIPE,
                                  cwd=ROOT))
@@ -126,10 +139,7 @@ def test_mailgate_run_starts_restarts_and_stops_the_interceptor(lab_factory: Lab
     stats_file = tmp_path / "interceptor.json"
 
     log = tmp_path / "mailgate.log"
-    with log.open("ab") as out:
-        mailgate = lab.spawn(lab.gateway, [PYTHON, "-m", "proxies.cli", "run", "--config",
-                                           str(config)], stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, cwd=ROOT)
+    mailgate = start_mailgate(lab, tmp_path, log)
     try:
         # Started: the companion names its child, the child says it is ready, the kernel
         # shows the queue bound (to the child's netlink socket), the companion sees that.
@@ -190,18 +200,9 @@ def test_the_interceptor_ends_with_mailgate_run_even_on_sigkill(lab_factory: Lab
     """A `mailgate run` killed with SIGKILL cannot stop its child; the child asks the kernel
     to be told (PR_SET_PDEATHSIG), so it does not stay bound, deciding for proxies that are
     gone (with fail = "open" the kernel then passes new connections, as with no interceptor)."""
-    lab = lab_factory("router", name=f"cmk{secrets.token_hex(2)}")
-    config = tmp_path / "mailgate.toml"
-    config.write_text(config_text(tmp_path))
-    result = lab.run(lab.gateway, [PYTHON, "-m", "netsetup.cli", "--config", str(config),
-                                   "--state-file", str(tmp_path / "netsetup.json"), "apply"],
-                     check=False, cwd=ROOT, timeout=60)
-    assert result.returncode == 0, f"netsetup apply:\n{result.stdout}\n{result.stderr}"
+    lab = gateway_lab(lab_factory, tmp_path, "cmk")
     log = tmp_path / "mailgate.log"
-    with log.open("ab") as out:
-        mailgate = lab.spawn(lab.gateway, [PYTHON, "-m", "proxies.cli", "run", "--config",
-                                           str(config)], stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, cwd=ROOT)
+    mailgate = start_mailgate(lab, tmp_path, log)
     try:
         wait_until(lambda: bool(log_fields(log, "interceptor_bound")), "interceptor bound", 20,
                    mailgate, (log,))
