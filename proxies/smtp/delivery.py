@@ -283,7 +283,7 @@ class DeliveryAgent:
                 reader, writer = await open_onward(
                     address, source=hop.spoof_source, timeout=self.config.connect_timeout)
             except OSError as exc:
-                last_error = f"connect to {_hostport(address)}: {_os_error_text(exc)}"
+                last_error = f"connect to {_hostport(address)}: {os_error_text(exc)}"
                 logs.event("delivery_connect_failed", qid=claimed.queue_id,
                            relay=_hostport(address), error=last_error)
                 continue
@@ -375,7 +375,8 @@ class DeliveryAgent:
                     for rcpt in rcpts}
 
 
-def _os_error_text(exc: OSError) -> str:
+def os_error_text(exc: OSError) -> str:
+    """Why a connect failed, as an administrator reading the queue wants it."""
     # asyncio's sock_connect puts "Connect call failed ('198.51.100.25', 25)" in strerror;
     # an administrator reading the queue wants the kernel's reason: "Connection refused".
     if isinstance(exc, TransparentError | TimeoutError):

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import os
 import sqlite3
 import ssl
 import time
@@ -48,11 +47,12 @@ from typing import Final
 from proxies import logs
 from proxies.config import SmtpConfig
 from proxies.smtp.addresses import Address, RelayPolicy
+from proxies.smtp.delivery import os_error_text
 from proxies.smtp.events import NeedData, StartTls
 from proxies.smtp.nexthop import NoRoute, resolve_next_hop
 from proxies.smtp.probe import BEFORE_MAIL, COMMAND_NAMES, ProbeDone, ProbeSession, ProbeStatus
 from proxies.smtp.reply import Reply
-from proxies.transparent import TransparentError, open_onward
+from proxies.transparent import open_onward
 
 __all__ = ["CacheEntry", "Decision", "RecipientVerifier", "VerifyCache", "decide", "hop_key"]
 
@@ -328,10 +328,8 @@ class RecipientVerifier:
             reader, writer = await open_onward(address, source=source,
                                                timeout=self.config.connect_timeout)
         except OSError as exc:
-            # The kernel's reason ("Connection refused"), not asyncio's "Connect call failed".
-            text = os.strerror(exc.errno) if exc.errno and not isinstance(
-                exc, TransparentError) else exc.strerror or str(exc) or repr(exc)
-            return ProbeDone("tempfail", Reply(451, "4.4.1", f"connect to {relay}: {text}"),
+            return ProbeDone("tempfail", Reply(451, "4.4.1",
+                                               f"connect to {relay}: {os_error_text(exc)}"),
                              "connect")
         session = ProbeSession(self.config.hostname, rcpt, tls=self.tls_context is not None)
         try:
