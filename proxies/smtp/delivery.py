@@ -277,15 +277,15 @@ class DeliveryAgent:
                 # The cached connection went stale (closed, RSET refused): not the message's
                 # fault; try a fresh connection, as Postfix does.
                 logs.debug("delivery_cached_connection_stale", qid=claimed.queue_id,
-                           relay=_hostport(address))
+                           relay=hostport(address))
                 self._close_later(cached)
             try:
                 reader, writer = await open_onward(
                     address, source=hop.spoof_source, timeout=self.config.connect_timeout)
             except OSError as exc:
-                last_error = f"connect to {_hostport(address)}: {os_error_text(exc)}"
+                last_error = f"connect to {hostport(address)}: {os_error_text(exc)}"
                 logs.event("delivery_connect_failed", qid=claimed.queue_id,
-                           relay=_hostport(address), error=last_error)
+                           relay=hostport(address), error=last_error)
                 continue
             envelope = claimed.envelope
             conn = None
@@ -329,7 +329,7 @@ class DeliveryAgent:
         if reused:
             session.next_transaction(envelope.sender, rcpts, len(content),
                                      eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
-        relay = _hostport(address)
+        relay = hostport(address)
         timeout = self.config.delivery_timeout
         try:
             while True:
@@ -386,6 +386,7 @@ def os_error_text(exc: OSError) -> str:
     return exc.strerror or str(exc) or repr(exc)
 
 
-def _hostport(address: tuple[str, int]) -> str:
+def hostport(address: tuple[str, int]) -> str:
+    """`host:port`, with an IPv6 address in brackets."""
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -47,7 +47,7 @@ from typing import Final
 from proxies import logs
 from proxies.config import SmtpConfig
 from proxies.smtp.addresses import Address, RelayPolicy
-from proxies.smtp.delivery import os_error_text
+from proxies.smtp.delivery import hostport, os_error_text
 from proxies.smtp.events import NeedData, StartTls
 from proxies.smtp.nexthop import NoRoute, resolve_next_hop
 from proxies.smtp.probe import BEFORE_MAIL, COMMAND_NAMES, ProbeDone, ProbeSession, ProbeStatus
@@ -185,20 +185,16 @@ def decide(config: SmtpConfig, rcpt: str, entry: CacheEntry, *, cached: bool) ->
     return Decision(True, "250 2.1.5 Ok", status, cached)
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def hop_key(config: SmtpConfig, domain: str, original_destination: tuple[str, int] | None
             ) -> str:
     """Which server a recipient's answer belongs to, without a DNS lookup (the key is needed
     for every RCPT, a cache hit included): the intercepted destination, else the transport or
     next_hop entry as configured, else the domain's MX."""
     if original_destination is not None:
-        return _hostport(*original_destination)
+        return hostport(original_destination)
     hop = config.transport_for(domain) or config.next_hop
     if hop is not None:
-        return _hostport(*hop)
+        return hostport(hop)
     return f"mx:{domain}"
 
 
@@ -323,7 +319,7 @@ class RecipientVerifier:
 
     async def _probe_address(self, rcpt: str, address: tuple[str, int],
                              source: str | None) -> ProbeDone:
-        relay = _hostport(*address)
+        relay = hostport(address)
         try:
             reader, writer = await open_onward(address, source=source,
                                                timeout=self.config.connect_timeout)
