@@ -89,6 +89,10 @@ class SmtpConfig:
     verify_tempfail_ttl: float = 60.0
     # A probe's whole conversation; the client waits this long at most for its RCPT reply.
     verify_timeout: float = 20.0
+    # Notifications (DSNs) per sender domain per window (proxies.queue.ratelimit); past it
+    # the recipients are still bounced, without one. 0: no limit.
+    bounce_rate_limit: int = 10
+    bounce_rate_window: float = 3600.0
 
     def transport_for(self, domain: str) -> tuple[str, int] | None:
         domain = domain.lower().rstrip(".")
@@ -168,11 +172,15 @@ def _smtp_from_section(section: Section) -> SmtpConfig:
         verify_negative_ttl=section.duration("verify_negative_ttl", defaults.verify_negative_ttl),
         verify_tempfail_ttl=section.duration("verify_tempfail_ttl", defaults.verify_tempfail_ttl),
         verify_timeout=section.duration("verify_timeout", defaults.verify_timeout),
+        bounce_rate_limit=section.integer("bounce_rate_limit", defaults.bounce_rate_limit, 0),
+        bounce_rate_window=section.duration("bounce_rate_window", defaults.bounce_rate_window),
     )
     section.check("retry_min is at most retry_max", "retry_min",
                   config.retry_min <= config.retry_max, "must not be larger than retry_max")
     if config.verify_timeout <= 0:
         section.problem("verify_timeout", "must be more than 0")
+    if config.bounce_rate_window <= 0:
+        section.problem("bounce_rate_window", "must be more than 0")
     if config.max_message_size < 1024:
         section.problem("max_message_size", "must be at least 1024 bytes")
     return config

@@ -25,6 +25,9 @@ class FilterInput:
     original_destination: tuple[str, int] | None = None
     smtputf8: bool = False
     body_8bit: bool = False
+    # The name this gateway gives itself in the Received field it adds ([smtp] hostname):
+    # the default authserv-id of the Authentication-Results field (RFC 8601 2.5).
+    received_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class FilterVerdict:
     # The message to queue instead of the original (tag: added headers, subject prefix).
     content: bytes | None = None
     reason: str = ""
+    # What the scan found when it was not clean ("spam", "virus", "banned", "failed"), kept
+    # with a message let through: the queue never bounces spam or a virus to its sender.
+    verdict: str = ""
 
 
 PASS = FilterVerdict()

@@ -40,6 +40,7 @@ from proxies.filtering import MessageFilter
 from proxies.metrics import exporter as metrics_exporter
 from proxies.process import ConnectionSlots, Supervisor
 from proxies.queue import Queue, QueueError
+from proxies.queue.ratelimit import BounceRateLimit
 from proxies.scan.filter import build_filter, build_scanner
 from proxies.smtp.delivery import DeliveryAgent
 from proxies.smtp.frontend import Gate, MailgateFrontEnd
@@ -90,8 +91,10 @@ def _open_queue(config: Config) -> Queue:
     smtp = config.smtp
     with _starting(f"queue directory {smtp.queue_dir} (smtp.queue_dir)"):
         smtp.queue_dir.mkdir(parents=True, exist_ok=True)
-        return Queue(smtp.queue_dir, retry_min=smtp.retry_min, retry_max=smtp.retry_max,
-                     lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
+        queue = Queue(smtp.queue_dir, retry_min=smtp.retry_min, retry_max=smtp.retry_max,
+                      lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
+    queue.bounce_limit = BounceRateLimit.for_queue(smtp)
+    return queue
 
 
 FrontEnd = MailgateFrontEnd | AiosmtpdFrontEnd

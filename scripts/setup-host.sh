@@ -14,6 +14,8 @@ packages=(
   openssl
   # The metrics lab test scrapes the gateway with a real Prometheus (offline, in the lab).
   prometheus
+  # rspamd's greylisting keeps its triplets in Redis; the lab runs a private redis-server.
+  redis-server
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -53,6 +53,11 @@ class Recorder:
     def deliveries(self, delivered: int, deferred: int, bounced: int) -> None:
         """One delivery attempt's recipients by what became of them."""
 
+    def bounce_notification(self, result: str) -> None:
+        """Bounced recipients of one delivery attempt, and their notification: "sent", or
+        why none was made (proxies.queue.model NO_DSN_*: "rate_limited", "null_sender",
+        "spam_verdict", "virus_verdict")."""
+
     def scan(self, scanner: str, verdict: str, seconds: float) -> None:
         """One scanner's (or the content rules') answer on one message and how long it took."""
 
@@ -96,6 +101,10 @@ class PrometheusRecorder(Recorder):
         self._deliveries = Counter(
             "mailgate_deliveries", "Recipients of delivery attempts, by outcome (delivered, "
             "deferred, bounced)", ["outcome"], registry=r)
+        self._bounce_notifications = Counter(
+            "mailgate_bounce_notifications", "Bounces, by whether a notification (DSN) went "
+            "to the sender (sent) or why not (rate_limited, null_sender, spam_verdict, "
+            "virus_verdict)", ["result"], registry=r)
         self._scans = Counter(
             "mailgate_scan_verdicts", "Scanner answers, by scanner and verdict",
             ["scanner", "verdict"], registry=r)
@@ -121,6 +130,8 @@ class PrometheusRecorder(Recorder):
         for outcome in ("delivered", "deferred", "bounced"):
             self._child(self._deliveries, outcome)
         self._child(self._restarts, "smtp")
+        for result in ("sent", "rate_limited"):
+            self._child(self._bounce_notifications, result)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -151,6 +162,9 @@ class PrometheusRecorder(Recorder):
                                ("bounced", bounced)):
             if count:
                 self._child(self._deliveries, outcome).inc(count)
+
+    def bounce_notification(self, result: str) -> None:
+        self._child(self._bounce_notifications, result).inc()
 
     def scan(self, scanner: str, verdict: str, seconds: float) -> None:
         self._child(self._scans, scanner, verdict).inc()

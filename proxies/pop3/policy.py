@@ -9,6 +9,12 @@ it is tested without any I/O:
   the session answers as for "tempfail": a notice is never handed out for a lost original);
 - "unscanned": the original with a header saying it was not scanned (fail_mode = "pass");
 - "tempfail": the client gets -ERR [SYS/TEMP]; the message stays on the server.
+
+rspamd's own action means nothing here beyond its verdict: its "greylist" and "soft reject"
+ask the sending MTA to retry, and a message in a mailbox has no sender left to retry (a
+-ERR would only make the client fetch it again and again), so such a message is delivered
+as its verdict says; its "reject" is spam, and [pop3] spam applies. The table's `scanner`
+map is therefore empty.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def actions(config: Pop3Config) -> ActionTable:
         virus="quarantine" if config.virus_action == "replace" else "pass",
         banned="quarantine" if config.banned_action == "replace" else "pass",
         oversize="pass" if config.oversize_action == "pass" else "tempfail",
-        failed="tempfail" if config.fail_mode == "tempfail" else "pass")
+        failed="tempfail" if config.fail_mode == "tempfail" else "pass",
+        scanner={})  # see the module docstring: the verdict decides
 
 
 def decide(result: ScanResult | None, config: Pop3Config) -> Outcome:

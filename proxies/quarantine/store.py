@@ -32,7 +32,7 @@ from typing import Any
 
 from proxies.mail.durable import fsync_directory, write_new_file
 from proxies.queue import Envelope, Queue
-from proxies.scan.api import ScanResult
+from proxies.scan.api import AuthResult, ScanResult
 
 _ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 # An .eml without its .json this old is debris of an interrupted store, not one under way.
@@ -77,6 +77,7 @@ class QuarantineEntry:
         result = dict(data["result"])
         for key in ("rules", "scanners", "output"):
             result[key] = tuple(result.get(key) or ())
+        result["auth"] = tuple(AuthResult(**item) for item in result.get("auth") or ())
         destination = data.get("original_destination")
         return cls(
             id=str(data["id"]),

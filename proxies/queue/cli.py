@@ -19,6 +19,7 @@ from proxies.cliutil import report_failures
 from proxies.config import ConfigError, load_config_for_tool
 from proxies.queue.model import NoSuchMessage, QueueError
 from proxies.queue.store import Queue, poke_master
+from proxies.smtp.verify import VERIFICATION_TEXT
 
 DEFAULT_QUEUE_DIR = Path("/var/spool/mailgate")
 PROG = "mailgate queue"
@@ -61,7 +62,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     listing = verbs.add_parser(
         "list", parents=[common], help="list queued messages (like mailq)",
         description="One entry per message: queue id (* being delivered, ! on hold), size, "
-                    "arrival time, sender, the last error, and the recipients still waiting.")
+                    "arrival time, sender, the last error, and the recipients still waiting, "
+                    "each with how it was checked at RCPT: [verified live] (the server was "
+                    "asked), [verified from cache] (it had said yes before), or [not "
+                    "verified: why]. A verified recipient is one the server agreed to take.")
     listing.add_argument("--json", action="store_true",
                          help="print a JSON array of messages, with every recipient's state")
     show = verbs.add_parser("show", parents=[common], help="show one message: envelope, state "
@@ -133,7 +137,8 @@ def _list(queue: Queue, args: argparse.Namespace) -> int:
             print(f"{'':<53}({_one_line(entry.last_error)})")
         for rcpt in entry.recipients:
             if not rcpt.status.is_final:
-                print(f"{'':<53}{rcpt.address}")
+                print(f"{'':<53}{rcpt.address}"
+                      + _verification(entry.envelope.verification_of(rcpt.address)))
         print()
     kbytes = (sum(e.size for e in entries) + 1023) // 1024
     count = len(entries)
@@ -168,11 +173,16 @@ def _show(queue: Queue, args: argparse.Namespace) -> int:
         + (", SMTPUTF8" if env.smtputf8 else "") + (", 8BITMIME" if env.body_8bit else ""),
         f"attempts:     {entry.attempts}"
         + (f", last error: {_one_line(entry.last_error)}" if entry.last_error else ""),
-        "recipients:",
     ]
+    if env.verdict:
+        lines.append(f"scan verdict: {env.verdict}"
+                     + (" (never bounced to the sender)" if env.verdict in ("spam", "virus")
+                        else ""))
+    lines.append("recipients:")
     for rcpt in entry.recipients:
         reply = f"{rcpt.code} {rcpt.text}" if rcpt.code and rcpt.connected else rcpt.text
         lines.append(f"  <{rcpt.address}> {rcpt.status}"
+                     + _verification(env.verification_of(rcpt.address))
                      + (f"  {_one_line(reply)}" if reply else ""))
     print("\n".join(lines))
     if not args.no_content:
@@ -232,6 +242,12 @@ def _poke(queue: Queue) -> str:
 
 def _time(timestamp: float | None) -> str:
     return time.strftime("%a %b %d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _verification(how: str) -> str:
+    """How the recipient was checked at RCPT, for a listing ('' when the file does not say:
+    notifications, quarantine releases, messages queued by an older version)."""
+    return f"  [{VERIFICATION_TEXT.get(how, how)}]" if how else ""
 
 
 def _one_line(text: str) -> str:

@@ -50,6 +50,13 @@ class Envelope:
     bounces, which must never cause another bounce). `recipients` keeps RCPT order; duplicates
     are dropped. `client_address` is '' for messages this gateway made itself (notifications).
     `arrival` is filled in by `Queue.accept` when left None.
+
+    `verification` says per recipient how its RCPT was checked against the server
+    (proxies.smtp.verify.VERIFICATION: "live", "cache", "off", "relay-client", ...), as pairs
+    (recipient, how) in RCPT order; it is empty for messages the gateway made itself, released
+    from the quarantine, or queued by a version that did not record it. `verdict` is the
+    content filter's ("spam", "virus", "banned"; "" clean or not scanned): a message our filter
+    found to be spam or a virus never makes a notification, whatever happens to it.
     """
 
     sender: str
@@ -65,6 +72,8 @@ class Envelope:
     body_8bit: bool = False
     tls: bool = False
     arrival: float | None = None
+    verification: tuple[tuple[str, str], ...] = ()
+    verdict: str = ""
 
     def __post_init__(self) -> None:
         recipients = tuple(dict.fromkeys(self.recipients))
@@ -76,6 +85,19 @@ class Envelope:
         if self.original_destination is not None:
             host, port = self.original_destination
             object.__setattr__(self, "original_destination", (str(host), int(port)))
+        if self.verification and tuple(r for r, _how in self.verification) != recipients:
+            # One entry per recipient of this envelope (the first, as for the recipients).
+            listed = set(recipients)
+            shown = {rcpt: how for rcpt, how in reversed(self.verification) if rcpt in listed}
+            object.__setattr__(self, "verification",
+                               tuple((r, shown[r]) for r in recipients if r in shown))
+
+    def verification_of(self, recipient: str) -> str:
+        """How `recipient` was checked at RCPT; '' when that was not recorded."""
+        for rcpt, how in self.verification:
+            if rcpt == recipient:
+                return how
+        return ""
 
 
 class RecipientStatus(enum.StrEnum):
@@ -99,6 +121,15 @@ class RecipientState:
     remote_mta: str | None = None
     connected: bool = True  # the reply came from a server (not e.g. "connection refused")
     expired: bool = False  # bounced because the queue lifetime ran out
+
+
+# Why bounced recipients got no notification (AttemptOutcome.no_dsn, the queue_bounced log
+# line, mailgate_bounce_notifications_total's result): RFC 5321 4.5.5 for the null sender; a
+# spam or virus verdict of our own filter; the sender domain over [smtp] bounce_rate_limit.
+NO_DSN_NULL_SENDER = "null_sender"
+NO_DSN_SPAM = "spam_verdict"
+NO_DSN_VIRUS = "virus_verdict"
+NO_DSN_RATE_LIMITED = "rate_limited"
 
 
 @dataclass(frozen=True)
@@ -205,9 +236,11 @@ class QueueEntry:
             "sender": env.sender,
             "recipients": [
                 {"address": r.address, "status": str(r.status), "code": r.code,
-                 "text": r.text, "remote_mta": r.remote_mta, "expired": r.expired}
+                 "text": r.text, "remote_mta": r.remote_mta, "expired": r.expired,
+                 "verification": env.verification_of(r.address) or None}
                 for r in self.state.recipients
             ],
+            "verdict": env.verdict or None,
             "attempts": self.state.attempts,
             "last_attempt": self.state.last_attempt,
             "last_error": self.state.last_error,
@@ -250,6 +283,7 @@ class AttemptOutcome:
     bounced: tuple[str, ...] = ()
     next_attempt: float | None = None  # None unless something was deferred
     dsn_id: str | None = None  # queue id of the delivery status notification, if one was made
+    no_dsn: str | None = None  # why bounced recipients got none (NO_DSN_*), if they did not
     removed: bool = False  # every recipient is final: the message left the queue
     missing: bool = False  # the message was deleted meanwhile (e.g. `mailgate queue delete`)
 
@@ -259,6 +293,8 @@ class AttemptOutcome:
             ("bounced", self.bounced)) if v]
         if self.dsn_id:
             parts.append(f"dsn={self.dsn_id}")
+        if self.no_dsn:
+            parts.append(f"no_dsn={self.no_dsn}")
         if self.removed:
             parts.append("removed")
         if self.missing:

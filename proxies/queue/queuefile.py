@@ -15,6 +15,11 @@ before the next append, so an update either happened whole or not at all.
 
 JSON is written with ensure_ascii, so addresses that are not valid UTF-8 (surrogate-escaped)
 survive the round trip.
+
+The envelope's JSON only grows by optional keys, so the format version stays 1 both ways: a
+file without a key reads as its default (older files: no `verification`, no `verdict`), and a
+reader that does not know a key ignores it. `verification` ({recipient: how}) and `verdict`
+are written only when they say something.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ def state_to_json(state: DeliveryState) -> dict[str, Any]:
 
 
 def envelope_to_json(envelope: Envelope, state: DeliveryState) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "sender": envelope.sender,
         "recipients": list(envelope.recipients),
         "client_address": envelope.client_address,
@@ -109,6 +114,11 @@ def envelope_to_json(envelope: Envelope, state: DeliveryState) -> dict[str, Any]
         "arrival": envelope.arrival,
         "state": state_to_json(state),
     }
+    if envelope.verification:
+        data["verification"] = dict(envelope.verification)
+    if envelope.verdict:
+        data["verdict"] = envelope.verdict
+    return data
 
 
 def initial_state(envelope: Envelope) -> DeliveryState:
@@ -168,6 +178,9 @@ def _envelope_from_json(data: Mapping[str, Any]) -> Envelope:
         body_8bit=bool(data.get("body_8bit", False)),
         tls=bool(data.get("tls", False)),
         arrival=float(data["arrival"]),
+        verification=tuple((str(rcpt), str(how))
+                           for rcpt, how in data.get("verification", {}).items()),
+        verdict=str(data.get("verdict", "")),
     )
 
 

@@ -39,6 +39,7 @@ import contextlib
 import errno
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,12 +48,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
-from proxies import logs
+from proxies import logs, metrics
 from proxies.mail.durable import fsync_directory as _fsync_dir
 from proxies.mail.durable import fsync_file as _fsync_path
 from proxies.queue import queuefile
 from proxies.queue.dsn import DsnRecipient, build_dsn, header_block
 from proxies.queue.model import (
+    NO_DSN_NULL_SENDER,
+    NO_DSN_RATE_LIMITED,
+    NO_DSN_SPAM,
+    NO_DSN_VIRUS,
     AttemptOutcome,
     ClaimedMessage,
     CorruptQueueFile,
@@ -68,6 +73,7 @@ from proxies.queue.model import (
     RecipientStatus,
     RecoveryReport,
 )
+from proxies.queue.ratelimit import BounceRateLimit, sender_domain
 
 INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT = "incoming", "active", "deferred", "hold", "corrupt"
 QUEUE_DIRS = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
@@ -637,13 +643,12 @@ class Queue:
         last_error = next((_reply(r) for r in recipients
                            if r.address in outcome["deferred"] + outcome["bounced"]),
                           state.last_error)
-        dsn_id = None
+        dsn_id = no_dsn = None
         newly_bounced = [r for r in recipients if r.address in outcome["bounced"]]
-        if newly_bounced and envelope.sender:
-            dsn_id = self._bounce(queue_id, handle, parsed, newly_bounced, now)
         if newly_bounced:
+            dsn_id, no_dsn = self._bounce(queue_id, handle, parsed, newly_bounced, now)
             logs.event("queue_bounced", qid=queue_id, rcpts=",".join(outcome["bounced"]),
-                       dsn=dsn_id or "-")
+                       dsn=dsn_id or "-", no_dsn=no_dsn or "-")
         if not any(not r.status.is_final for r in recipients):
             handle.close()
             with contextlib.suppress(FileNotFoundError):
@@ -651,7 +656,7 @@ class Queue:
             with self._lock:
                 self._index.pop(queue_id, None)
             return AttemptOutcome(queue_id, outcome["delivered"], (), outcome["bounced"],
-                                  None, dsn_id, removed=True)
+                                  None, dsn_id, no_dsn, removed=True)
         next_attempt = max(now, min(now + self.backoff(attempts),
                                     envelope.arrival + self.lifetime))
         new_state = DeliveryState(tuple(recipients), attempts, next_attempt, now, last_error)
@@ -667,7 +672,7 @@ class Queue:
             raise _write_error(exc, "record delivery state") from exc
         self._defer(queue_id, status, next_attempt)
         return AttemptOutcome(queue_id, outcome["delivered"], outcome["deferred"],
-                              outcome["bounced"], next_attempt, dsn_id)
+                              outcome["bounced"], next_attempt, dsn_id, no_dsn)
 
     def _apply(self, state: DeliveryState,
                results: Mapping[str, DeliveryResult] | DeliveryResult, now: float,
@@ -691,8 +696,53 @@ class Queue:
             groups[key].append(rcpt.address)
         return recipients, {k: tuple(v) for k, v in groups.items()}
 
+    # The notifications one sender domain may get ([smtp] bounce_rate_limit); None: no limit.
+    # Only the process that delivers bounces; `mailgate run` sets it there.
+    bounce_limit: BounceRateLimit | None = None
+
     def _bounce(self, queue_id: str, handle: IO[bytes], parsed: queuefile.ParsedFile,
-                bounced: list[RecipientState], now: float) -> str:
+                bounced: list[RecipientState], now: float) -> tuple[str | None, str | None]:
+        """Queue the notification for `bounced` recipients unless none may be sent; return
+        (its queue id, None) or (None, why not: NO_DSN_*). These are the only notifications
+        mailgate makes, so every rule about when it bounces is here."""
+        envelope = parsed.envelope
+        limit = self.bounce_limit
+        why_not = None
+        if not envelope.sender:
+            why_not = NO_DSN_NULL_SENDER  # RFC 5321 4.5.5: a bounce must not cause another
+        elif envelope.verdict in _NO_DSN_VERDICTS:
+            # Spam and viruses come with forged senders: telling them is backscatter.
+            why_not = _NO_DSN_VERDICTS[envelope.verdict]
+        reservation = None
+        if why_not is None and limit is not None:
+            domain = sender_domain(envelope.sender)
+            try:
+                reservation = limit.reserve(domain)
+            except sqlite3.Error as exc:
+                # Not knowing the count is no reason to keep a sender uninformed.
+                logs.warning("bounce_rate_limit_failed", qid=queue_id, path=str(limit.path),
+                             error=str(exc))
+            else:
+                if reservation is None:
+                    why_not = NO_DSN_RATE_LIMITED
+                    logs.warning("dsn_rate_limited", qid=queue_id, sender_domain=domain or "-",
+                                 rcpts=",".join(r.address for r in bounced), limit=limit.limit,
+                                 window=f"{limit.window:g}s")
+        if why_not is not None:
+            metrics.current.bounce_notification(why_not)
+            return None, why_not
+        try:
+            dsn_id = self._queue_dsn(queue_id, handle, parsed, bounced, now)
+        except BaseException:
+            if limit is not None and reservation is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    limit.cancel(reservation)
+            raise
+        metrics.current.bounce_notification("sent")
+        return dsn_id, None
+
+    def _queue_dsn(self, queue_id: str, handle: IO[bytes], parsed: queuefile.ParsedFile,
+                   bounced: list[RecipientState], now: float) -> str:
         """Queue the notification for `bounced` recipients; return its queue id."""
         envelope = parsed.envelope
         assert envelope.arrival is not None
@@ -875,6 +925,10 @@ class Queue:
         if rescheduled:
             self._told(now)
         return count
+
+
+# The content filter's verdicts (Envelope.verdict) that never get a notification.
+_NO_DSN_VERDICTS = {"spam": NO_DSN_SPAM, "virus": NO_DSN_VIRUS}
 
 
 def _status(rcpt: RecipientState) -> str:

@@ -6,6 +6,47 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 Verdict = Literal["clean", "spam", "virus", "banned", "failed"]
+# What a scanner that decides actions itself asked the MTA to do: rspamd's actions (its
+# "Protocol" documentation; `discard` and `quarantine` since rspamd 2). What each means is the
+# protocol's table (proxies.mail.actions), not the scanner's.
+ScannerAction = Literal["no action", "greylist", "add header", "rewrite subject",
+                        "soft reject", "reject", "quarantine", "discard"]
+SCANNER_ACTIONS: tuple[ScannerAction, ...] = (
+    "no action", "greylist", "add header", "rewrite subject", "soft reject", "reject",
+    "quarantine", "discard")
+# RFC 8601 2.7 methods mailgate reports (from rspamd's symbols) ...
+AuthMethod = Literal["spf", "dkim", "dmarc"]
+# ... and their results (RFC 8601 2.7.1-2.7.2, RFC 7489 11.2; "policy" is never reported).
+AuthOutcome = Literal["pass", "fail", "softfail", "neutral", "none", "temperror",
+                      "permerror"]
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """One message authentication result a scanner reported (RFC 8601 2.2 `resinfo`)."""
+
+    method: AuthMethod
+    result: AuthOutcome
+    # The domain it is about when the scanner named one: DKIM's signing domain (header.d),
+    # DMARC's author domain (header.from). SPF's identity is the envelope's, not the
+    # scanner's (smtp.mailfrom / smtp.helo: proxies.mail.authresults).
+    domain: str = ""
+    # DKIM's selector (header.s), when the scanner named it.
+    selector: str = ""
+
+
+@dataclass(frozen=True)
+class ScanEnvelope:
+    """What the SMTP session told about a message, for scanners that judge more than the
+    content (rspamd: greylisting keys on client address, sender and recipients; SPF on
+    address, HELO and sender)."""
+
+    client_address: str
+    helo: str
+    sender: str  # "" for the null reverse-path
+    recipients: tuple[str, ...]
+    # The name this gateway gives itself ([smtp] hostname).
+    received_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,7 +73,16 @@ class ScanResult:
     oversize: bool = False
     # What each scanner said, one "name: reply" line each, kept with quarantined mail.
     output: tuple[str, ...] = ()
+    # rspamd's action, None when no scanner that decides actions looked; the protocol's
+    # table says what it means (proxies.mail.actions).
+    scanner_action: ScannerAction | None = None
+    # rspamd's text for the SMTP client with that action (its `messages.smtp_message`,
+    # e.g. "Try again later" for greylisting); "" when it gave none.
+    scanner_message: str = ""
+    # SPF, DKIM and DMARC results, for the Authentication-Results field.
+    auth: tuple[AuthResult, ...] = ()
 
 
 class ContentScanner(Protocol):
-    async def scan(self, content: bytes) -> ScanResult: ...
+    async def scan(self, content: bytes, envelope: ScanEnvelope | None = None
+                   ) -> ScanResult: ...

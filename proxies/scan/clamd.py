@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from proxies.scan.api import ScanResult
+from proxies.scan.api import ScanEnvelope, ScanResult
 from proxies.scan.config import ScannerConfig
 from proxies.scan.connection import Connection, ConnectionPool, ScannerError, connect
 
@@ -87,7 +87,8 @@ class ClamdClient:
         self._slots = asyncio.Semaphore(config.concurrency)
         self._pool = ConnectionPool(config.concurrency)
 
-    async def scan(self, content: bytes) -> ScanResult:
+    async def scan(self, content: bytes, envelope: ScanEnvelope | None = None) -> ScanResult:
+        # `envelope` unused: clamd judges the content alone.
         if len(content) > self.config.max_size:
             return ScanResult("failed", reason=f"{NAME}: message larger than the scan limit "
                               f"({self.config.max_size} bytes)", oversize=True)

@@ -25,6 +25,7 @@
     max_attachment_size = 0  # e.g. "10M"; 0 = no limit
     header_rules = []        # [{ header = "Subject", regex = "(?i)lottery", action = "reject" }]
     add_scan_header = false  # also add X-Mailgate-Scan to clean mail (else it is untouched)
+    authserv_id = ""         # our name in Authentication-Results (RFC 8601); "": [smtp] hostname
 
     [quarantine]
     dir = "/var/lib/mailgate/quarantine"
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from netsetup.configfile import Section, parse_hostport
+from proxies.mail.authresults import valid_authserv_id
 
 FailMode = Literal["tempfail", "pass"]
 ACTIONS = ("pass", "tag", "reject", "quarantine", "drop")
@@ -95,6 +97,10 @@ class PolicyConfig:
     max_attachment_size: int = 0
     header_rules: tuple[HeaderRule, ...] = ()
     add_scan_header: bool = False
+    # Who we are in Authentication-Results fields (RFC 8601 2.5): ours carry it, and arriving
+    # ones that claim it are removed. "" means the [smtp] hostname, which the Received field
+    # and the queue's notices use too.
+    authserv_id: str = ""
 
     @property
     def has_content_rules(self) -> bool:
@@ -249,6 +255,15 @@ def subject_prefix(section: Section, default: str) -> str:
     return value
 
 
+def _authserv_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    if value and not valid_authserv_id(value):
+        raise ValueError(f"must be a name such as 'mail-gw.example.net' (letters, digits and "
+                         f"'.-_' ..., no spaces, ';' or quotes), got {value!r}")
+    return value
+
+
 def _policy(section: Section) -> PolicyConfig:
     defaults = PolicyConfig()
     reject_score = section.typed("spam_reject_score", (int, float), None)
@@ -263,6 +278,7 @@ def _policy(section: Section) -> PolicyConfig:
         max_attachment_size=section.size("max_attachment_size", 0),
         header_rules=section.list_of("header_rules", _header_rule),
         add_scan_header=section.boolean("add_scan_header", False),
+        authserv_id=section.converted("authserv_id", _authserv_id, defaults.authserv_id),
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from proxies import metrics
-from proxies.scan.api import ScanResult
+from proxies.scan.api import ScanEnvelope, ScanResult
 from proxies.scan.rules import ContentRules
 
 # Messages bigger than this are parsed for the content rules in a thread, so a large
@@ -29,7 +29,8 @@ _SEVERITY = {"virus": 4, "failed": 3, "spam": 2, "clean": 1, "banned": 5}
 class ScannerClient(Protocol):
     name: str
 
-    async def scan(self, content: bytes) -> ScanResult: ...
+    async def scan(self, content: bytes, envelope: ScanEnvelope | None = None
+                   ) -> ScanResult: ...
 
     def close(self) -> None: ...
 
@@ -45,7 +46,7 @@ class MultiScanner:
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.clients)
 
-    async def scan(self, content: bytes) -> ScanResult:
+    async def scan(self, content: bytes, envelope: ScanEnvelope | None = None) -> ScanResult:
         if self.rules.active:
             started = time.monotonic()
             if len(content) > PARSE_IN_THREAD:
@@ -61,7 +62,7 @@ class MultiScanner:
         if len(content) > self.max_size:
             return ScanResult("failed", oversize=True, reason=f"message of {len(content)} "
                               f"bytes is over the scan limit of {self.max_size}")
-        results = await asyncio.gather(*(_timed(c, content) for c in self.clients))
+        results = await asyncio.gather(*(_timed(c, content, envelope) for c in self.clients))
         return combine(results)
 
     def close(self) -> None:
@@ -69,11 +70,15 @@ class MultiScanner:
             client.close()
 
 
-async def _timed(client: ScannerClient, content: bytes) -> ScanResult:
+async def _timed(client: ScannerClient, content: bytes,
+                 envelope: ScanEnvelope | None) -> ScanResult:
     """One scanner's answer, told to the metrics with the time it took (per scanner, as
     the scanners run in parallel and the slowest sets the message's wait)."""
     started = time.monotonic()
-    result = await client.scan(content)
+    # Without an envelope (POP3) call as before: a scanner that judges the content alone
+    # need not take one.
+    result = await (client.scan(content) if envelope is None
+                    else client.scan(content, envelope))
     metrics.current.scan(client.name, result.verdict, time.monotonic() - started)
     return result
 
@@ -99,4 +104,9 @@ def combine(results: Sequence[ScanResult]) -> ScanResult:
         timed_out=any(r.timed_out for r in failed),
         oversize=any(r.oversize for r in failed),
         output=output,
+        # Only rspamd names an action and authentication results: taken from whichever
+        # result has them.
+        scanner_action=next((r.scanner_action for r in results if r.scanner_action), None),
+        scanner_message=next((r.scanner_message for r in results if r.scanner_message), ""),
+        auth=tuple(a for r in results for a in r.auth),
     )

@@ -13,11 +13,26 @@ What happens to a message (the README's table):
                                                X-Mailgate-Scan: not scanned: WHY
     oversize  [scan] oversize_action pass      250 with X-Mailgate-Scan: not scanned: WHY
 
+    rspamd's action (after virus, banned and failed; `proxies.mail.actions`)
+    greylist         tempfail   451 4.7.1 and rspamd's text ("Try again later")
+    soft reject      tempfail   451 4.7.1 and rspamd's text
+    reject           reject     554 5.7.1 Message rejected as spam
+    quarantine       quarantine 250 with the quarantine id
+    discard          drop       250
+    add header,      spam: [policy] spam (tag)
+    rewrite subject
+    no action        by the other scanners' verdict (clean: pass)
+
 Actions: pass (deliver), tag (deliver with X-Spam-Flag/X-Spam-Score/X-Spam-Status and
 X-Mailgate-Scan, any copies the sender forged removed, and [policy] subject_prefix for spam),
 reject (5xx at end of DATA), quarantine (kept in [quarantine] dir, not delivered, 250 with the
 quarantine id; 451 4.3.0 when it cannot be written), drop (250, discarded, logged). The table
 and the tagging are the POP3 proxy's too (`proxies.mail.actions`, `proxies.mail.tagging`).
+
+Authentication-Results (RFC 8601, `proxies.mail.authresults`): every message loses the
+fields that claim our authserv-id ([policy] authserv_id, else [smtp] hostname), scanned or not
+(`BorderFilter` when nothing is configured to scan); delivered mail (pass, tag) gains ours
+with the SPF, DKIM and DMARC results rspamd reported, when it reported any.
 
 One policy per message. The filter runs once, at the end of DATA, and the reply to the final
 dot is the only answer SMTP gives for the content; it is the same for every recipient (RFC
@@ -37,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import time
@@ -46,11 +62,12 @@ from pathlib import Path
 from typing import Any
 
 from proxies import logs, metrics
-from proxies.filtering import Action, FilterInput, FilterVerdict, MessageFilter, NoFilter
-from proxies.mail.actions import ActionTable, action_for, parse_action
+from proxies.filtering import PASS, Action, FilterInput, FilterVerdict, MessageFilter
+from proxies.mail.actions import SMTP_SCANNER_ACTIONS, ActionTable, action_for, parse_action
+from proxies.mail.authresults import authentication_results, remove_forged, valid_authserv_id
 from proxies.mail.tagging import OUR_FIELDS, SCAN_FIELD, field, sanitise, tag
 from proxies.quarantine import Quarantine
-from proxies.scan.api import ContentScanner, ScanResult
+from proxies.scan.api import ContentScanner, ScanEnvelope, ScanResult
 from proxies.scan.clamd import ClamdClient
 from proxies.scan.config import ScanConfig
 from proxies.scan.engine import MultiScanner, ScannerClient
@@ -59,6 +76,9 @@ from proxies.scan.rules import ContentRules
 from proxies.scan.spamd import SpamdClient
 
 TEMPFAIL_REPLY = "451 4.7.1 Message cannot be scanned now, try again later"
+# rspamd asked for a temporary failure without saying why (its greylist module says "Try
+# again later" itself).
+GREYLIST_REPLY = "451 4.7.1 Greylisted, try again later"
 # Entries kept by TimeoutMemory at most (the oldest go first).
 TIMEOUT_MEMORY_ENTRIES = 10000
 
@@ -128,7 +148,7 @@ class ScanFilter:
             spam=parse_action(config.policy.spam), virus=parse_action(config.policy.virus),
             banned=parse_action(config.policy.banned),
             oversize=parse_action(config.oversize_action), failed=parse_action(config.fail_mode),
-            spam_reject_score=config.policy.spam_reject_score)
+            spam_reject_score=config.policy.spam_reject_score, scanner=SMTP_SCANNER_ACTIONS)
         self.scanner = scanner
         self._quarantine = quarantine
         self.timeouts = TimeoutMemory(config.timeout_memory, clock,
@@ -143,9 +163,21 @@ class ScanFilter:
 
     async def check(self, message: FilterInput, content: bytes) -> FilterVerdict:
         started = time.monotonic()
-        result = await self.scanner.scan(content)
+        envelope = ScanEnvelope(message.client_address, message.helo, message.sender,
+                                message.recipients, message.received_by)
+        result = await self.scanner.scan(content, envelope)
         action, why = self.decide(result, content)
-        verdict = await self.act(action, why, result, message, content)
+        # The scanners saw the message as it came; whatever is kept or delivered has lost
+        # the forged Authentication-Results first.
+        authserv_id = self.policy.authserv_id or message.received_by
+        cleaned = remove_forged(content, authserv_id)
+        delivered = content if cleaned is None else cleaned
+        verdict = await self.act(action, why, result, message, delivered)
+        if verdict.action in ("pass", "tag"):
+            verdict = self._with_auth_results(verdict, result, message, authserv_id,
+                                              delivered, cleaned is not None)
+        if result.verdict != "clean":
+            verdict = dataclasses.replace(verdict, verdict=result.verdict)
         metrics.current.filter_verdict(result.verdict, verdict.action)
         fields: dict[str, Any] = {"verdict": result.verdict, "action": verdict.action,
                   "scanners": ",".join(result.scanners), "sender": message.sender or "<>",
@@ -153,6 +185,10 @@ class ScanFilter:
                   "size": len(content), "seconds": round(time.monotonic() - started, 3)}
         if result.score is not None:
             fields["score"] = result.score
+        if result.scanner_action is not None:
+            fields["rspamd_action"] = result.scanner_action
+        if result.auth:
+            fields["auth"] = " ".join(f"{r.method}={r.result}" for r in result.auth)
         if result.virus:
             fields["virus"] = result.virus
         if why or result.reason:
@@ -163,12 +199,32 @@ class ScanFilter:
             logs.event("scan_done", **fields)
         return verdict
 
+    @staticmethod
+    def _with_auth_results(verdict: FilterVerdict, result: ScanResult, message: FilterInput,
+                           authserv_id: str, delivered: bytes,
+                           cleaned: bool) -> FilterVerdict:
+        """`verdict` (pass or tag of `delivered`, which is `cleaned` of forged fields or the
+        message as it came) with our Authentication-Results field on top when there are
+        results to give; its content stays None only when nothing at all changed, so such a
+        message goes out byte for byte."""
+        content = verdict.content
+        if content is None and cleaned:
+            content = delivered
+        ours = authentication_results(authserv_id, result.auth, sender=message.sender,
+                                      helo=message.helo) \
+            if valid_authserv_id(authserv_id) else None
+        if ours is not None:
+            content = ours + (delivered if content is None else content)
+        return dataclasses.replace(verdict, content=content)
+
     # --- deciding ---------------------------------------------------------------------------
 
     def decide(self, result: ScanResult, content: bytes) -> tuple[Action, str]:
         """The action for a scan result (`proxies.mail.actions`) and, when it is not plain
         policy, why."""
         action = action_for(result, self.actions)
+        if _scanner_decided(result, action, self.actions):
+            return action, f"rspamd action {result.scanner_action!r}"
         if result.verdict == "spam" and self.actions.over_reject_score(result):
             return action, f"spam score {result.score:g} >= {self.policy.spam_reject_score:g}"
         if action == "tempfail" and result.verdict == "failed" and not result.oversize \
@@ -193,10 +249,14 @@ class ScanFilter:
             return FilterVerdict("pass", content=changed, reason=reason)
         if action == "tag":
             return FilterVerdict("tag", content=self.tagged(result, content), reason=reason)
+        asked = _scanner_decided(result, action, self.actions)
         if action == "reject":
-            return FilterVerdict("reject", reply=reject_reply(result, why), reason=reason)
+            return FilterVerdict("reject", reply=reject_reply(
+                result, result.scanner_message if asked and result.scanner_message else why),
+                reason=reason)
         if action == "tempfail":
-            return FilterVerdict("tempfail", reply=TEMPFAIL_REPLY, reason=reason)
+            return FilterVerdict("tempfail", reply=tempfail_reply(result) if asked
+                                 else TEMPFAIL_REPLY, reason=reason)
         if action == "drop":
             return FilterVerdict("drop", reason=reason)
         return await self._quarantine_message(result, why, message, content)
@@ -236,6 +296,20 @@ class ScanFilter:
                    sender=message.sender or "<>", rcpts=",".join(message.recipients))
         return FilterVerdict("quarantine", reply=f"250 2.0.0 Ok: quarantined as {entry_id}",
                              reason=reason)
+
+
+def _scanner_decided(result: ScanResult, action: Action, table: ActionTable) -> bool:
+    """Whether `action` is what rspamd's own action stands for (not a verdict's)."""
+    return result.verdict in ("clean", "spam") and table.scanner_request(result) == action
+
+
+def tempfail_reply(result: ScanResult) -> str:
+    """The 451 for rspamd's greylist or soft reject: RFC 3463 4.7.1 (delivery not authorized
+    now), with rspamd's own words when it gave some ("Try again later")."""
+    if result.scanner_message:
+        return f"451 4.7.1 {result.scanner_message}"
+    return GREYLIST_REPLY if result.scanner_action == "greylist" \
+        else "451 4.7.1 Try again later"
 
 
 def _describe(result: ScanResult) -> str:
@@ -289,9 +363,26 @@ def build_multi_scanner(config: ScanConfig) -> MultiScanner:
     return MultiScanner(clients, ContentRules(config.policy), config.max_size)
 
 
+class BorderFilter:
+    """The filter when nothing is configured to scan: only the forged Authentication-Results
+    fields go (RFC 8601 5: a border MTA removes those claiming its authserv-id, whether or
+    not it checks anything itself)."""
+
+    def __init__(self, authserv_id: str = "") -> None:
+        self.authserv_id = authserv_id
+
+    async def check(self, message: FilterInput, content: bytes) -> FilterVerdict:
+        cleaned = remove_forged(content, self.authserv_id or message.received_by)
+        if cleaned is None:
+            return PASS
+        logs.event("forged_auth_results_removed", sender=message.sender or "<>",
+                   client=message.client_address)
+        return FilterVerdict("pass", content=cleaned, reason="forged Authentication-Results")
+
+
 def build_filter(config: ScanConfig) -> MessageFilter:
     if not config.enabled:
-        return NoFilter()
+        return BorderFilter(config.policy.authserv_id)
     quarantine = None
     if config.quarantine.dir.is_dir():
         # The daemon's start is one of the two times old entries are purged (list the other).

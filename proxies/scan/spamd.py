@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from proxies.scan.api import ScanResult
+from proxies.scan.api import ScanEnvelope, ScanResult
 from proxies.scan.config import ScannerConfig
 from proxies.scan.connection import MAX_REPLY, ScannerError, connect
 
@@ -82,7 +82,8 @@ class SpamdClient:
         self.config = config
         self._slots = asyncio.Semaphore(config.concurrency)
 
-    async def scan(self, content: bytes) -> ScanResult:
+    async def scan(self, content: bytes, envelope: ScanEnvelope | None = None) -> ScanResult:
+        # `envelope` unused: spamd is given the content alone.
         if len(content) > self.config.max_size:
             # Like spamc, which passes large mail unchecked: big messages are rarely spam,
             # and the time spamd would take on them is out of proportion.

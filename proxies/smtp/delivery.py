@@ -217,7 +217,7 @@ class DeliveryAgent:
                                        len(outcome.bounced))
             if outcome.bounced:
                 logs.event("bounced", qid=queue_id, rcpts=",".join(outcome.bounced),
-                           dsn=outcome.dsn_id or "none (null sender)")
+                           dsn=outcome.dsn_id or f"none ({outcome.no_dsn})")
         except asyncio.CancelledError:
             self.queue.release_claim(queue_id)
             raise

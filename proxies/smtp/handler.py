@@ -36,7 +36,7 @@ from proxies.smtp.dataframe import (
     find_nul,
     normalise_line_endings,
 )
-from proxies.smtp.verify import RecipientVerifier
+from proxies.smtp.verify import NOT_VERIFIED_OFF, RecipientVerifier
 from proxies.transparent import original_destination
 
 _NOT_LOOKED = object()
@@ -147,20 +147,32 @@ class GatewayHandler:
             logs.event("smtp_rcpt_rejected", conn=client.connection_id,
                        client=client.client_address, rcpt=address, reply=verdict.reply)
             return verdict.reply
-        if (self.verifier is not None and verdict.address is not None
-                and self.verifier.applies(verdict.address, client.client_address)):
-            # Before the 250: a recipient the server refuses is refused here, in the session,
-            # so that we never have to bounce it to a (most likely forged) sender.
-            checked = await self.verifier.verify(verdict.address, client.original_destination,
-                                                 client.client_address, client.connection_id)
-            if not checked.accepted:
-                metrics.current.smtp_recipient_refused(
-                    "unknown_recipient" if checked.status == "refused" else "unverified")
-                logs.event("smtp_rcpt_rejected", conn=client.connection_id,
-                           client=client.client_address, rcpt=address, reply=checked.reply)
-                return checked.reply
+        verifier = self.verifier
+        how = NOT_VERIFIED_OFF
+        if verifier is not None and verdict.address is not None:
+            skipped = verifier.not_verified(verdict.address, client.client_address)
+            if skipped is not None:
+                how = skipped
+            else:
+                # Before the 250: a recipient the server refuses is refused here, in the
+                # session, so that we never have to bounce it to a (most likely forged) sender.
+                checked = await verifier.verify(verdict.address, client.original_destination,
+                                                client.client_address, client.connection_id)
+                if not checked.accepted:
+                    metrics.current.smtp_recipient_refused(
+                        "unknown_recipient" if checked.status == "refused" else "unverified")
+                    logs.event("smtp_rcpt_rejected", conn=client.connection_id,
+                               client=client.client_address, rcpt=address, reply=checked.reply)
+                    return checked.reply
+                how = checked.verification
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        # Kept with the message, so that `mailgate queue` can say whether the server had
+        # agreed to take each recipient (what decides whether a refusal later means a bounce).
+        verification: dict[str, str] | None = getattr(envelope, "mailgate_verification", None)
+        if verification is None:
+            verification = envelope.mailgate_verification = {}  # type: ignore[attr-defined]
+        verification.setdefault(address, how)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
@@ -200,7 +212,8 @@ class GatewayHandler:
                         client_port=client.client_port,
                         original_destination=client.original_destination,
                         smtputf8=bool(envelope.smtp_utf8),
-                        body_8bit="BODY=8BITMIME" in envelope.mail_options), content)
+                        body_8bit="BODY=8BITMIME" in envelope.mail_options,
+                        received_by=self.config.hostname), content)
         if verdict.action in ("reject", "tempfail"):
             reply = verdict.reply or (
                 "554 5.7.1 Message rejected" if verdict.action == "reject"
@@ -227,6 +240,7 @@ class GatewayHandler:
         protocol = ("ESMTPS" if tls else "ESMTP") if session.extended_smtp else "SMTP"
         queue_id = self.queue.new_id()
         content = self._received_header(client, helo, protocol, queue_id, recipients) + content
+        verification: dict[str, str] = getattr(envelope, "mailgate_verification", None) or {}
         queued = QueueEnvelope(
             sender=sender,
             recipients=recipients,
@@ -238,6 +252,10 @@ class GatewayHandler:
             smtputf8=bool(envelope.smtp_utf8),
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
             tls=tls,
+            verification=tuple(verification.items()),
+            # Spam or a virus let through (tagged or not) never gets a notification
+            # (store._bounce): its sender is most likely forged.
+            verdict=verdict.verdict,
         )
         try:
             await self.queue.accept(queued, content, queue_id=queue_id)
@@ -251,8 +269,9 @@ class GatewayHandler:
             return "451 4.3.0 Error: queue file write error"
         logs.event("smtp_accepted", qid=queue_id, conn=client.connection_id,
                    client=client.client_address, sender=sender or "<>",
-                   rcpts=",".join(recipients), size=len(content),
-                   destination=format_hostport(client.original_destination))
+                   rcpts=",".join(recipients),
+                   verify=",".join(verification.get(r, "-") for r in recipients),
+                   size=len(content), destination=format_hostport(client.original_destination))
         metrics.current.smtp_message("accepted", "queued")
         if self.on_queued is not None:
             self.on_queued(queue_id)

@@ -54,7 +54,35 @@ from proxies.smtp.probe import BEFORE_MAIL, COMMAND_NAMES, ProbeDone, ProbeSessi
 from proxies.smtp.reply import Reply
 from proxies.transparent import open_onward
 
-__all__ = ["CacheEntry", "Decision", "RecipientVerifier", "VerifyCache", "decide", "hop_key"]
+__all__ = ["VERIFICATION", "VERIFICATION_TEXT", "CacheEntry", "Decision", "RecipientVerifier",
+           "VerifyCache", "decide", "hop_key"]
+
+# How an accepted recipient was checked: what the queue keeps per recipient
+# (proxies.queue.Envelope.verification) and the smtp_accepted log line and `mailgate queue` show.
+VERIFIED_LIVE: Final = "live"  # a probe during this RCPT: the server takes it
+VERIFIED_CACHE: Final = "cache"  # the cache's "the server takes it"
+NOT_VERIFIED_OFF: Final = "off"  # [smtp] verify_recipients = false
+NOT_VERIFIED_RELAY_CLIENT: Final = "relay-client"  # from relay_networks: our own users
+NOT_VERIFIED_OUTBOUND: Final = "outbound"  # not our domain (a relay client's outgoing mail)
+# The server could not be asked (down, 4xx, timeout) and verify_unreachable = "accept".
+NOT_VERIFIED_UNREACHABLE: Final = "unreachable"
+NOT_VERIFIED_UNVERIFIABLE: Final = "unverifiable"  # the server refuses MAIL FROM:<>
+VERIFICATION: Final = (VERIFIED_LIVE, VERIFIED_CACHE, NOT_VERIFIED_OFF,
+                       NOT_VERIFIED_RELAY_CLIENT, NOT_VERIFIED_OUTBOUND,
+                       NOT_VERIFIED_UNREACHABLE, NOT_VERIFIED_UNVERIFIABLE)
+# ... in words, for people (`mailgate queue`).
+VERIFICATION_TEXT: Final = {
+    VERIFIED_LIVE: "verified live",
+    VERIFIED_CACHE: "verified from cache",
+    NOT_VERIFIED_OFF: "not verified: smtp.verify_recipients is off",
+    NOT_VERIFIED_RELAY_CLIENT: "not verified: client in smtp.relay_networks",
+    NOT_VERIFIED_OUTBOUND: "not verified: not one of our domains",
+    NOT_VERIFIED_UNREACHABLE: "not verified: server unreachable, accepted "
+                              "(smtp.verify_unreachable)",
+    NOT_VERIFIED_UNVERIFIABLE: "not verified: the server refuses the null sender",
+}
+_SHOWN: Final[dict[str, str]] = {"tempfail": NOT_VERIFIED_UNREACHABLE,
+                                 "unverifiable": NOT_VERIFIED_UNVERIFIABLE}
 
 CACHE_FILE = "verify.db"
 # Bounded: a dictionary attack (random local parts) must not grow the file without end. Past
@@ -162,6 +190,13 @@ class Decision:
     status: ProbeStatus
     cached: bool
 
+    @property
+    def verification(self) -> str:
+        """How an accepted recipient was checked (VERIFICATION); "refused" otherwise."""
+        if self.status == "ok":
+            return VERIFIED_CACHE if self.cached else VERIFIED_LIVE
+        return _SHOWN.get(self.status, self.status)
+
 
 def _reply_safe(text: str) -> str:
     # The server's text goes to our client: printable ASCII only (the client may not speak
@@ -245,10 +280,17 @@ class RecipientVerifier:
     def applies(self, address: Address, client_address: str) -> bool:
         """Whether RCPT TO:<address> from this client is verified: mail towards our domains;
         a client in relay_networks (our own users) only with verify_relay_networks."""
+        return self.not_verified(address, client_address) is None
+
+    def not_verified(self, address: Address, client_address: str) -> str | None:
+        """Why RCPT TO:<address> from this client is not verified (NOT_VERIFIED_OUTBOUND,
+        NOT_VERIFIED_RELAY_CLIENT); None: it is."""
         if not self.relay.is_our_domain(address.domain):
-            return False
-        return self.config.verify_relay_networks or not self.relay.is_relay_client(
-            client_address)
+            return NOT_VERIFIED_OUTBOUND
+        if not self.config.verify_relay_networks and self.relay.is_relay_client(
+                client_address):
+            return NOT_VERIFIED_RELAY_CLIENT
+        return None
 
     async def verify(self, address: Address, original_destination: tuple[str, int] | None,
                      client_address: str, conn: str = "-") -> Decision:
@@ -270,8 +312,8 @@ class RecipientVerifier:
             entry = await asyncio.shield(task)
         decision = decide(self.config, rcpt, entry, cached=cached)
         logs.event("smtp_rcpt_verified", conn=conn, rcpt=rcpt, hop=hop, status=entry.status,
-                   cached="yes" if cached else "no", detail=entry.detail,
-                   reply=decision.reply)
+                   cached="yes" if cached else "no", verify=decision.verification,
+                   detail=entry.detail, reply=decision.reply)
         return decision
 
     def _probe_done(self, key: tuple[str, str], _task: asyncio.Task[CacheEntry]) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from proxies.filtering import FilterInput, FilterVerdict, NoFilter
+from proxies.filtering import FilterInput, FilterVerdict
 from proxies.quarantine import Quarantine
-from proxies.scan.api import ScanResult
+from proxies.scan.api import ScanEnvelope, ScanResult
 from proxies.scan.config import PolicyConfig, QuarantineConfig, ScanConfig
 from proxies.scan.engine import combine
-from proxies.scan.filter import ScanFilter, build_filter, build_scanner
+from proxies.scan.filter import BorderFilter, ScanFilter, build_filter, build_scanner
 from tests.unit.scan_messages import plain
 from tests.unit.test_quarantine_store import broken_quarantine
 
@@ -28,9 +28,11 @@ class FixedScanner:
     def __init__(self, *results: ScanResult) -> None:
         self.results = list(results)
         self.calls = 0
+        self.envelopes: list[ScanEnvelope | None] = []
 
-    async def scan(self, content: bytes) -> ScanResult:
+    async def scan(self, content: bytes, envelope: ScanEnvelope | None = None) -> ScanResult:
         self.calls += 1
+        self.envelopes.append(envelope)
         return self.results[min(self.calls, len(self.results)) - 1]
 
 
@@ -202,7 +204,8 @@ def test_combine_orders_by_severity() -> None:
 
 
 def test_build_filter_and_scanner(tmp_path: Path) -> None:
-    assert isinstance(build_filter(ScanConfig()), NoFilter)
+    # Nothing to scan: only forged Authentication-Results go (tests/unit/test_authresults.py).
+    assert isinstance(build_filter(ScanConfig()), BorderFilter)
     assert build_scanner(ScanConfig()) is None
     with_rules = ScanConfig(policy=PolicyConfig(banned_extensions=("exe",)))
     assert isinstance(build_filter(with_rules), ScanFilter)

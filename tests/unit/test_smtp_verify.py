@@ -316,6 +316,10 @@ def test_who_is_verified(tmp_path: Path) -> None:
     assert verifier.applies(parse_path(ALICE), CLIENT)
     assert not verifier.applies(parse_path(ALICE), "192.0.2.10")        # relay_networks
     assert not verifier.applies(parse_path("x@elsewhere.example"), "192.0.2.10")
+    # ... and why not, as `mailgate queue` shows it.
+    assert verifier.not_verified(parse_path(ALICE), CLIENT) is None
+    assert verifier.not_verified(parse_path(ALICE), "192.0.2.10") == "relay-client"
+    assert verifier.not_verified(parse_path("x@elsewhere.example"), "192.0.2.10") == "outbound"
     asked = make_verifier(tmp_path, ScriptedServer(known=[]), verify_relay_networks=True)
     assert asked.applies(parse_path(ALICE), "192.0.2.10")
 

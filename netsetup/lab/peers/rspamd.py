@@ -10,6 +10,10 @@ in a private LOCAL_CONFDIR, with DBDIR, RUNDIR and LOGDIR beside it (`--var=...`
   lists, SPF/DKIM/DMARC lookups, fuzzy servers, redis-backed ones, maps fetched from
   maps.rspamd.com), and `local.d/options.inc` points the resolver at 127.0.0.1: what is left
   can look nothing up outside the lab.
+- A test may turn some of them back on against peers of the lab's own: `checks` (SPF, DKIM,
+  DMARC) with `nameserver` pointing at a lab DNS server (`netsetup.lab.peers.dns`), and
+  `greylist` with a lab Redis (`netsetup.lab.peers.redis`) and a short greylisting delay.
+  `actions` sets rspamd's score thresholds (local.d/actions.conf).
 
 The first start on a machine costs about 16 s: rspamd compiles its list of top-level domains
 (and its regexp rules) with hyperscan. It caches the result in `hs_cache_dir`, which we point
@@ -22,6 +26,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from netsetup.lab.peers._common import (
@@ -46,12 +52,35 @@ NETWORK_MODULES = ("fuzzy_check", "rbl", "dcc", "phishing", "url_redirector", "a
 # Modules whose stock config fetches maps from https://maps.rspamd.com, or that look up the
 # HELO and host names (hfilter): they would only log failed fetches and lookups here.
 REMOTE_MODULES = ("multimap", "whitelist", "mid", "mime_types", "hfilter")
+# Network modules a test may turn back on (`checks`); each then asks only the lab's DNS.
+CHECK_MODULES = ("spf", "dkim", "dmarc")
 # Room for the first start on a machine (the hyperscan compile, about 16 s on 2 cores).
 FIRST_START_TIMEOUT = 90.0
 
 
+@dataclass(frozen=True)
+class Greylist:
+    """rspamd's greylist module against a lab Redis: `redis` is its `servers` (host:port),
+    `timeout` the seconds a new triplet waits before its retry passes (rspamd's default is
+    5 minutes; tests want a few seconds)."""
+
+    redis: str
+    timeout: float = 3.0
+
+
 class RspamdInstance:
-    def __init__(self, lab: Lab, host: Host, dir: Path, address: str, port: int) -> None:
+    def __init__(self, lab: Lab, host: Host, dir: Path, address: str, port: int, *,
+                 checks: Sequence[str] = (), nameserver: str = "127.0.0.1",
+                 greylist: Greylist | None = None,
+                 actions: Mapping[str, float | None] | None = None) -> None:
+        unknown = set(checks) - set(CHECK_MODULES)
+        if unknown:
+            raise PeerError(f"rspamd: checks {sorted(unknown)} unknown (known: "
+                            f"{', '.join(CHECK_MODULES)})")
+        self.checks = tuple(checks)
+        self.nameserver = nameserver
+        self.greylist = greylist
+        self.actions = dict(actions or {})
         self.lab = lab
         self.host = host
         self.dir = dir
@@ -85,12 +114,27 @@ class RspamdInstance:
             (override / f"worker-{worker}.inc").write_text(
                 f'bind_socket = "{bind}";\ncount = 1;\n')
         local = self.conf_dir / "local.d"
+        for stale in local.iterdir():
+            stale.unlink()  # a restart with other settings must not keep the old ones
+        enabled = set(self.checks) | ({"greylist"} if self.greylist else set())
         for module in NETWORK_MODULES + REMOTE_MODULES:
-            (local / f"{module}.conf").write_text("enabled = false;\n")
+            if module not in enabled:
+                (local / f"{module}.conf").write_text("enabled = false;\n")
+        if self.greylist is not None:
+            # Redis for this module only: a global redis section would also switch on the
+            # Bayes statistics and the history of every other Redis-backed module.
+            (local / "greylist.conf").write_text(
+                f'servers = "{self.greylist.redis}";\n'
+                f"timeout = {self.greylist.timeout:g}s;\nexpire = 1h;\n")
+        if self.actions:
+            (local / "actions.conf").write_text("".join(
+                f"{name} = {'null' if value is None else f'{value:g}'};\n"
+                for name, value in self.actions.items()))
         (local / "options.inc").write_text(f"""\
-# The lab has no DNS server: nothing is looked up outside the gateway's own loopback.
+# Only the lab's own DNS server (when a test runs one) or the gateway's loopback, where
+# nothing answers: nothing is looked up outside the lab.
 dns {{
-  nameserver = ["127.0.0.1"];
+  nameserver = ["{self.nameserver}"];
   timeout = 0.5s;
   retransmits = 1;
 }}
@@ -126,9 +170,13 @@ hs_cache_dir = "{CACHE_DIR}/";
         return self._http(b"GET %s HTTP/1.0\r\n\r\n" % path.encode(), worker or self.address,
                           timeout)
 
-    def checkv2(self, message: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
-        """POST /checkv2 to the normal worker; (status, JSON body)."""
-        request = b"POST /checkv2 HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(message)
+    def checkv2(self, message: bytes, timeout: float = 10.0,
+                headers: Sequence[tuple[str, str]] = ()) -> tuple[int, bytes]:
+        """POST /checkv2 to the normal worker, with the envelope in `headers` (("IP",
+        "192.0.2.10"), ("From", ...), ...); (status, JSON body)."""
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers).encode()
+        request = b"POST /checkv2 HTTP/1.0\r\n%sContent-Length: %d\r\n\r\n" % (
+            extra, len(message))
         return self._http(request + message, self.address, timeout)
 
     def _http(self, request: bytes, worker: tuple[str, int],
@@ -163,7 +211,15 @@ def _recv_all(sock: socket.socket) -> bytes:
 class Rspamd:
     @staticmethod
     def start(lab: Lab, host: Host, dir: Path, *, address: str = "127.0.0.1",
-              port: int = 11333) -> RspamdInstance:
+              port: int = 11333, checks: Sequence[str] = (), nameserver: str = "127.0.0.1",
+              greylist: Greylist | None = None,
+              actions: Mapping[str, float | None] | None = None) -> RspamdInstance:
         """The normal worker on address:port, the controller on port + 1 and the proxy on
-        port - 1 (rspamd's own layout: 11333, 11334, 11332). Ready once /ping answers."""
-        return RspamdInstance(lab, host, dir, address, port).start()
+        port - 1 (rspamd's own layout: 11333, 11334, 11332). Ready once /ping answers.
+
+        `checks`: some of CHECK_MODULES on, resolving with the DNS server at `nameserver`;
+        `greylist`: the greylist module on, with its Redis; `actions`: score thresholds
+        ("greylist", "add_header", "reject"...; None removes one)."""
+        return RspamdInstance(lab, host, dir, address, port, checks=checks,
+                              nameserver=nameserver, greylist=greylist,
+                              actions=actions).start()
