@@ -40,6 +40,7 @@ from proxies.filtering import MessageFilter
 from proxies.metrics import exporter as metrics_exporter
 from proxies.process import ConnectionSlots, Supervisor
 from proxies.queue import Queue, QueueError
+from proxies.queue.journal import Record
 from proxies.queue.ratelimit import BounceRateLimit
 from proxies.scan.filter import build_filter, build_scanner
 from proxies.smtp.delivery import DeliveryAgent
@@ -337,6 +338,7 @@ class _Acceptors:
                        connections=held)
         self.ready.discard(pid)
         metrics_exporter.worker_gone(self.config, pid)
+        self.queue.writer_gone(pid)  # what it appended to the journal but never told us of
         # It may have linked a message into incoming/ and died before telling us (its client
         # got no 250, but the file is complete): look at the directories, as after a restart.
         self.queue.rescan()
@@ -381,7 +383,7 @@ class _Acceptors:
                                ready=len(self.ready), workers=self.supervisor.count)
                     self._changed.set()
                 continue
-            self.queue.notice(word)
+            self.queue.notice(word, _journal_record(word, fields))
             queued = True
         if queued:
             self.wake()
@@ -402,18 +404,35 @@ class _Acceptors:
             self._reading = False
 
 
+def _journal_record(queue_id: str, fields: str) -> Record | None:
+    """The journal record in a worker's line `QUEUE_ID SEGMENT OFFSET LENGTH`; None for a
+    bare queue id (a message written as a file of its own)."""
+    segment, offset, length = ([*fields.split(), "", "", ""])[:3]
+    if not (offset.isdecimal() and length.isdecimal()):
+        return None
+    return Record(queue_id, segment, int(offset), int(length))
+
+
 async def serve_acceptor(config: Config, notify_fd: int, gate: Gate,
                          slot: int) -> int:
-    """A worker: the SMTP front end only; each queued id goes to the master's pipe."""
+    """A worker: the SMTP front end only; each queued message goes to the master's pipe."""
     queue = _open_queue(config)
+    queue.delivers = False
 
     def tell_master(line: str) -> None:
         # One short write per line: atomic on a pipe (under PIPE_BUF), never interleaved.
         with contextlib.suppress(OSError):
             os.write(notify_fd, line.encode() + b"\n")
 
+    def durable(record: Record) -> None:
+        tell_master(f"{record.queue_id} {record.segment} {record.offset} {record.length}")
+
+    # The queue tells of each message once it is durable (even if its client is gone by
+    # then); only messages written as files of their own go by the handler's hook.
+    queue.on_durable = durable
     handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
-                             on_queued=tell_master, verifier=_verifier(config))
+                             on_queued=None if queue.use_journal else tell_master,
+                             verifier=_verifier(config))
     front = make_front_end(config, handler, _server_tls(config), gate)
     await _start_front(front, config)
     stop = _stop_event()

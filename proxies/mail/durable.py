@@ -12,7 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["fsync_directory", "fsync_file", "write_new_file"]
+__all__ = ["fsync_directory", "fsync_file", "write_all", "write_new_file"]
 
 
 def fsync_file(path: Path) -> None:
@@ -31,6 +31,21 @@ def _fsync(path: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, chunks: list[bytes]) -> None:
+    """Write every chunk, in order, with as few writev calls as the kernel allows (it may
+    write less than asked, and takes at most IOV_MAX buffers a call)."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        written = os.writev(fd, views[:1024])
+        while written:
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
 
 
 def write_new_file(path: Path, data: bytes) -> None:

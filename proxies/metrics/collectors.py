@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxies.queue import queuefile
+from proxies.queue import journal, queuefile
 from proxies.queue.store import QUEUE_DIRS
 
 
@@ -49,6 +49,12 @@ class QueueCollector(Collector):
                                 oldest = entry.name
             except FileNotFoundError:
                 pass
+            if state == "incoming":  # and those still in the journal, before their first try
+                for record in journal.waiting_records(self.queue_dir / journal.JOURNAL_DIR,
+                                                      check=False):
+                    count += 1
+                    if oldest is None or record.queue_id < oldest:
+                        oldest = record.queue_id
             length.add_metric([state], count)
         yield length
         age = 0.0 if oldest is None else max(0.0, self.clock() - queuefile.id_time(oldest))

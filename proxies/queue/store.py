@@ -8,13 +8,18 @@ Layout of the queue directory (Postfix's, see its qmgr(8) and OVERVIEW):
     deferred/<id>             waiting for a retry; the file's mtime is the next attempt time
     hold/<id>                 put on hold by the administrator; never tried until released
     corrupt/<id>              unreadable files, kept for a human to look at
+    journal/                  new messages, appended to segment files (journal.py)
     master.pid                the delivery daemon's pid, for `mailgate queue flush/release`
 
-A message is accepted once (1) its file, ending with the end record, is written and fsynced,
-(2) the file is linked under its final name in incoming/ and (3) incoming/ itself is fsynced.
-Only then does `accept` return and the front end answer 250. Concurrent accepts share step 3:
-a committer task publishes a whole batch of fsynced files with one directory fsync (group
-commit), so twenty sessions cost one directory fsync, not twenty.
+A message is accepted once its record is appended to the accepting process's journal segment
+and fdatasynced (journal.py); only then does `accept` return and the front end answer 250.
+Concurrent accepts share one append and one fdatasync (group commit). The delivery process
+delivers straight from the journal; a message that is not delivered at its first attempt (or
+that the administrator holds or deletes, or that recovery finds) is "materialized": written as
+a file of its own into the directories below, where all the rest happens. With
+`use_journal=False` (and for the notifications the queue makes itself) a message is a file from
+the start: (1) its file, ending with the end record, is written and fsynced, (2) linked under
+its final name in incoming/ and (3) incoming/ itself is fsynced, step 3 shared by a batch.
 
 Everything after that moves the file by rename(2), which is atomic, so a message is always in
 exactly one directory, and changes of delivery state are appended to it (see queuefile.py).
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import os
 import signal
 import sqlite3
@@ -51,7 +57,8 @@ from typing import IO
 from proxies import logs, metrics
 from proxies.mail.durable import fsync_directory as _fsync_dir
 from proxies.mail.durable import fsync_file as _fsync_path
-from proxies.queue import queuefile
+from proxies.mail.durable import write_all
+from proxies.queue import journal, queuefile
 from proxies.queue.dsn import DsnRecipient, build_dsn, header_block
 from proxies.queue.model import (
     NO_DSN_NULL_SENDER,
@@ -92,19 +99,6 @@ def _write_error(exc: OSError, what: str) -> QueueWriteError:
     return cls(f"{what}: {exc.strerror or exc}")
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        written = os.writev(fd, views)
-        while written:
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
-
-
 def _write_new_file(path: Path, chunks: list[bytes], sync: bool = True) -> None:
     """Create, write, fsync (unless `sync` is false: the committer does it) and close `path`;
     on any failure remove it and raise the QueueWriteError or QueueFullError that says why."""
@@ -114,7 +108,7 @@ def _write_new_file(path: Path, chunks: list[bytes], sync: bool = True) -> None:
         raise _write_error(exc, "create queue file") from exc
     try:
         try:
-            _write_all(fd, chunks)
+            write_all(fd, chunks)
             if sync:
                 os.fsync(fd)
         finally:
@@ -160,6 +154,13 @@ class _Pending:
     synced: bool = True
 
 
+@dataclass
+class _Journaled:
+    queue_id: str
+    chunks: list[bytes]
+    future: asyncio.Future[str]
+
+
 class Queue:
     """The message queue in `directory` (created with its subdirectories if missing).
 
@@ -173,7 +174,8 @@ class Queue:
     def __init__(self, directory: Path | str, *, retry_min: float = 300.0,
                  retry_max: float = 4000.0, lifetime: float = 5 * 86400.0,
                  hostname: str = "", clock: Callable[[], float] = time.time,
-                 create: bool = True, write_threads: int = 16) -> None:
+                 create: bool = True, write_threads: int = 16,
+                 use_journal: bool = True, delivers: bool = True) -> None:
         if not 0 < retry_min <= retry_max:
             raise ValueError("need 0 < retry_min <= retry_max")
         self.directory = Path(directory)
@@ -189,6 +191,25 @@ class Queue:
         for name in QUEUE_DIRS:
             (self.directory / name).mkdir(mode=0o700, exist_ok=True)
         self._dirs = {name: self.directory / name for name in QUEUE_DIRS}
+        self._journal_dir = self.directory / journal.JOURNAL_DIR
+        self._journal_dir.mkdir(mode=0o700, exist_ok=True)
+        # accept() appends to the journal (journal.py) instead of writing a file per message.
+        self.use_journal = use_journal
+        # This process delivers (the master): it schedules what is accepted, reads the
+        # journal and recovers what dead writers left there. Acceptor workers do not: they
+        # tell the master instead (on_durable).
+        self.delivers = delivers
+        self._journal_writer: journal.JournalWriter | None = None
+        self._journal_batch: list[_Journaled] = []
+        self._journal_committer: asyncio.Task[None] | None = None
+        self.journal = journal.JournalReader(self._journal_dir)
+        self._journal_claims: set[str] = set()
+        self._journal_lock = threading.Lock()
+        # An acceptor worker's way to tell the master of each message made durable (even if
+        # the client that sent it is gone by then): the record, so the master can read it.
+        self.on_durable: Callable[[journal.Record], None] | None = None
+        # How the CLI asks the delivery process to look again (tests replace it).
+        self.poke: Callable[[], int | None] = lambda: poke_master(self.directory)
         self._ids = queuefile.IdGenerator()
         self._pid = os.getpid()
         self._write_threads = write_threads
@@ -229,6 +250,8 @@ class Queue:
         if self._writers is None:
             self._writers = ThreadPoolExecutor(self._write_threads, "queue-write")
             self._committer_pool = ThreadPoolExecutor(1, "queue-commit")
+        if self.use_journal:
+            return await self._accept_journaled(queue_id, chunks, loop)
         _INFLIGHT.add(tmp.name)
         if sum(len(c) for c in chunks) <= INLINE_WRITE_LIMIT:
             try:
@@ -253,6 +276,56 @@ class Queue:
             _INFLIGHT.discard(tmp.name)
             raise
         return await self._commit(queue_id, tmp, loop, synced=True)
+
+    async def _accept_journaled(self, queue_id: str, chunks: list[bytes],
+                                loop: asyncio.AbstractEventLoop) -> str:
+        item = _Journaled(queue_id, chunks, loop.create_future())
+        self._journal_batch.append(item)
+        if self._journal_committer is None or self._journal_committer.done():
+            self._journal_committer = loop.create_task(self._journal_loop(),
+                                                       name="queue-journal-committer")
+        return await item.future
+
+    async def _journal_loop(self) -> None:
+        """Group commit into the journal: whatever waits when an append starts goes in it."""
+        loop = asyncio.get_running_loop()
+        while self._journal_batch:
+            batch, self._journal_batch = self._journal_batch, []
+            live = [item for item in batch if not item.future.cancelled()]
+            if not live:
+                continue
+            try:
+                records = await loop.run_in_executor(
+                    self._committer_pool, self._journal_append,
+                    [(item.queue_id, item.chunks) for item in live])
+            except Exception as exc:
+                error = exc if isinstance(exc, QueueError) else \
+                    QueueWriteError(f"commit failed: {exc!r}")
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            now = self.clock()
+            for item, record in zip(live, records, strict=True):
+                self._durable(record, now)
+                if not item.future.done():
+                    item.future.set_result(item.queue_id)
+
+    def _journal_append(self, items: list[tuple[str, list[bytes]]]) -> list[journal.Record]:
+        if self._journal_writer is None:
+            self._journal_writer = journal.JournalWriter(self._journal_dir)
+        try:
+            return self._journal_writer.append(items)
+        except OSError as exc:
+            raise _write_error(exc, "append to the queue journal") from exc
+
+    def _durable(self, record: journal.Record, now: float) -> None:
+        if self.delivers:
+            with self._journal_lock:
+                self.journal.announce(record)
+            self._schedule(record.queue_id, now)
+        elif self.on_durable is not None:
+            self.on_durable(record)
 
     async def _commit(self, queue_id: str, tmp: Path, loop: asyncio.AbstractEventLoop, *,
                       synced: bool) -> str:
@@ -364,19 +437,7 @@ class Queue:
         """accept() without asyncio, for messages the queue makes itself (notifications)."""
         queue_id = self.new_id()
         envelope = self._stamp(envelope)
-        tmp = self._dirs[INCOMING] / f"{queue_id}.{self._pid}.tmp"
-        _INFLIGHT.add(tmp.name)
-        try:
-            _write_new_file(tmp, queuefile.encode_message(envelope, content))
-            self._publish(tmp, self._dirs[INCOMING] / queue_id)
-            try:
-                _fsync_dir(self._dirs[INCOMING])
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    (self._dirs[INCOMING] / queue_id).unlink()
-                raise _write_error(exc, "sync queue directory") from exc
-        finally:
-            self._discard(tmp)
+        self._write_file(queue_id, queuefile.encode_message(envelope, content), INCOMING)
         self._schedule(queue_id, self.clock())
         return queue_id
 
@@ -386,6 +447,95 @@ class Queue:
             if pool is not None:
                 pool.shutdown(wait=True)
         self._writers = self._committer_pool = None
+        if self._journal_writer is not None:
+            self._journal_writer.close()
+            self._journal_writer = None
+        with self._journal_lock:
+            self.journal.close()
+
+    # --- the journal (journal.py) -----------------------------------------------------------
+
+    def writer_gone(self, pid: int) -> None:
+        """Acceptor `pid` exited: schedule what it made durable but never told us of."""
+        with self._journal_lock:
+            missed = self.journal.writer_gone(pid)
+        now = self.clock()
+        for record in missed:
+            self._schedule(record.queue_id, now)
+
+    def _recover_journal(self, wait: float = 0.0) -> None:
+        """Segments left by writers that are gone and that we never read (a run before
+        this one): their waiting messages become files in incoming/. And on request (`mailgate
+        queue hold/delete` of a message still in the journal), every waiting one we know."""
+        request = self._journal_dir / journal.MATERIALIZE_REQUEST
+        own = set() if self._journal_writer is None else set(self._journal_writer.created)
+        with self._journal_lock:
+            for name in self.journal.untracked(own, wait):
+                count = self.journal.recover(
+                    name, lambda record, payload: self._write_file(
+                        record.queue_id, [payload], INCOMING, again=True))
+                logs.event("queue_journal_recovered", segment=name, messages=count)
+            if not request.exists():
+                return
+            waiting = [(q, q in self._journal_claims) for q in self.journal.waiting]
+        # Claimed ones too (into active/, as if claimed from a file): a hold or delete of a
+        # message under delivery then works as it does for a file.
+        for queue_id, claimed in waiting:
+            self._materialize(queue_id, ACTIVE if claimed else INCOMING)
+        with contextlib.suppress(FileNotFoundError):
+            request.unlink()
+
+    def _materialize(self, queue_id: str, status: str) -> None:
+        """Move a message from the journal into a file of its own in `status`/."""
+        with self._journal_lock:
+            payload = self.journal.payload(queue_id)
+            if payload is None:
+                return
+            self._write_file(queue_id, [payload], status, again=True)
+            self.journal.done(queue_id)
+            self._journal_claims.discard(queue_id)
+
+    def _write_file(self, queue_id: str, chunks: list[bytes], status: str, *,
+                    again: bool = False) -> None:
+        """Write a message as a file of its own into `status`/, durably (file and directory).
+        `again`: it may be there already (materialized by a run that crashed before it could
+        mark its journal record done), which is no id collision."""
+        tmp = self._dirs[INCOMING] / f"{queue_id}.{self._pid}.tmp"
+        _INFLIGHT.add(tmp.name)
+        try:
+            _write_new_file(tmp, chunks)
+            try:
+                self._publish(tmp, self._dirs[status] / queue_id)
+            except QueueWriteError:
+                if again and (self._dirs[status] / queue_id).exists():
+                    return
+                raise
+            try:
+                _fsync_dir(self._dirs[status])
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    (self._dirs[status] / queue_id).unlink()
+                raise _write_error(exc, "sync queue directory") from exc
+        finally:
+            self._discard(tmp)
+
+    def _journal_entries(self) -> dict[str, journal.Record]:
+        return {r.queue_id: r for r in journal.waiting_records(self._journal_dir)}
+
+    def _settle(self, queue_id: str) -> None:
+        """Before the CLI moves or removes a message: if it still waits in the journal, have
+        the delivery process (or, with none running, this one) make it a file."""
+        if self._locate(queue_id) is not None or queue_id not in self._journal_entries():
+            return
+        (self._journal_dir / journal.MATERIALIZE_REQUEST).touch()
+        if self.poke() is None:
+            self._recover_journal()
+            return
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if self._locate(queue_id) is not None or queue_id not in self._journal_entries():
+                return
+            time.sleep(0.05)
 
     # --- recovery and scheduling ------------------------------------------------------------
 
@@ -428,6 +578,9 @@ class Queue:
                     corrupt += 1
         for name in QUEUE_DIRS:
             _fsync_dir(self._dirs[name])
+        # Before the rescan (which takes only dead writers' segments): a previous master's
+        # workers die with it, so any still appending get a moment, then theirs are ours.
+        self._recover_journal(wait=5.0)
         self.rescan()
         held = sum(1 for n in self._names(HOLD) if queuefile.is_queue_id(n))
         report = RecoveryReport(removed, requeued, corrupt, len(self._index), held, foreign)
@@ -471,9 +624,15 @@ class Queue:
         except FileNotFoundError:
             return []
 
-    def notice(self, queue_id: str) -> None:
-        """Another process (an acceptor worker) queued `queue_id`: schedule it now, without
-        a rescan of the directories."""
+    def notice(self, queue_id: str, record: journal.Record | None = None) -> None:
+        """Another process (an acceptor worker) queued `queue_id` (in the journal at
+        `record`): schedule it now, without a rescan of the directories."""
+        if record is not None:
+            with self._journal_lock:
+                fresh = self.journal.announce(record)
+            if fresh:
+                self._schedule(queue_id, self.clock())
+            return
         if queuefile.is_queue_id(queue_id):
             with self._lock:
                 when = self._index.setdefault(queue_id, self.clock())
@@ -494,8 +653,12 @@ class Queue:
     def rescan(self) -> int:
         """Rebuild the schedule from the directories (after another process changed them:
         other acceptors, `mailgate queue flush/release`). Returns how many are waiting."""
+        if self.delivers:
+            self._recover_journal()
         index: dict[str, float] = {}
         now = self.clock()
+        with self._journal_lock:
+            journaled = [q for q in self.journal.waiting if q not in self._journal_claims]
         for status in (INCOMING, DEFERRED):
             with contextlib.suppress(FileNotFoundError), os.scandir(self._dirs[status]) as it:
                 for entry in it:
@@ -504,6 +667,8 @@ class Queue:
                             mtime = entry.stat().st_mtime
                             index[entry.name] = mtime if status == DEFERRED else min(mtime, now)
         with self._lock:
+            for queue_id in journaled:
+                index.setdefault(queue_id, min(self._index.get(queue_id, now), now))
             self._index = index
             self._scanned = True
         if index:
@@ -540,8 +705,16 @@ class Queue:
         already claimed (maybe by another process), or unreadable (moved to corrupt/)."""
         if not queuefile.is_queue_id(queue_id):
             return None
+        with self._journal_lock:
+            journaled = queue_id in self.journal.waiting
+            if journaled and queue_id in self._journal_claims:
+                return None
+            if journaled:
+                self._journal_claims.add(queue_id)
         with self._lock:
             self._index.pop(queue_id, None)
+        if journaled:
+            return self._claim_journaled(queue_id)
         active = self._dirs[ACTIVE] / queue_id
         for status in (INCOMING, DEFERRED):
             try:
@@ -568,9 +741,49 @@ class Queue:
         return ClaimedMessage(queue_id, parsed.envelope, pending, parsed.state.attempts,
                               parsed.content)
 
+    def _claim_journaled(self, queue_id: str) -> ClaimedMessage | None:
+        # Delivered straight from the journal: no file of its own unless it needs one
+        # (record_attempt), so a message delivered at once costs no file at all.
+        with self._journal_lock:
+            payload = self.journal.payload(queue_id)
+        try:
+            if payload is None:
+                raise CorruptQueueFile("its journal segment is gone")
+            parsed = queuefile.parse(io.BytesIO(payload), with_content=True)
+        except CorruptQueueFile as exc:
+            if payload is not None:  # the CRC matched, so a human should see it
+                with contextlib.suppress(QueueError):
+                    self._write_file(queue_id, [payload], CORRUPT, again=True)
+            logs.warning("queue_file_corrupt", qid=queue_id, queue="journal", error=str(exc))
+            self._journal_done(queue_id)
+            return None
+        assert parsed.content is not None
+        if not parsed.state.pending:
+            self._journal_done(queue_id)
+            return None
+        return ClaimedMessage(queue_id, parsed.envelope, parsed.state.pending,
+                              parsed.state.attempts, parsed.content)
+
+    def _journal_done(self, queue_id: str) -> bool:
+        """A claimed journal message is finished with; False if it was not one."""
+        with self._journal_lock:
+            if queue_id not in self._journal_claims:
+                return False
+            self._journal_claims.discard(queue_id)
+            self.journal.done(queue_id)
+        with self._lock:
+            self._index.pop(queue_id, None)
+        return True
+
     def release_claim(self, queue_id: str) -> bool:
         """Put a claimed message back, due now, without counting an attempt."""
         now = self.clock()
+        with self._journal_lock:
+            journaled = queue_id in self._journal_claims
+            self._journal_claims.discard(queue_id)
+        if journaled:
+            self._schedule(queue_id, now)
+            return True
         path = self._dirs[ACTIVE] / queue_id
         try:
             os.utime(path, (now, now))
@@ -588,6 +801,8 @@ class Queue:
         """Every recipient still pending at claim() was delivered: the message is done, and
         leaving is only removing its file from active/ (no state to write, nothing to parse
         again). Anywhere else (held or deleted meanwhile) it takes record_attempt's way."""
+        if self._journal_done(queue_id):
+            return AttemptOutcome(queue_id, recipients, removed=True)
         path = self._dirs[ACTIVE] / queue_id
         try:
             path.unlink()
@@ -611,6 +826,17 @@ class Queue:
         for a retry after retry_min with its old state.
         """
         now = self.clock()
+        with self._journal_lock:
+            journaled = queue_id in self._journal_claims
+        if journaled:
+            # Its state must be written, so it needs a file of its own from now on.
+            try:
+                self._materialize(queue_id, ACTIVE)
+            except QueueError:
+                with self._journal_lock:
+                    self._journal_claims.discard(queue_id)
+                self._schedule(queue_id, now + self.retry_min)
+                raise
         located = self._locate(queue_id, (ACTIVE, HOLD, DEFERRED, INCOMING))
         if located is None:
             return AttemptOutcome(queue_id, missing=True)
@@ -809,15 +1035,36 @@ class Queue:
                     found = self._entry(name)
                     if found is not None:
                         entries.append(found[0])
+        seen = {e.queue_id for e in entries}
+        for queue_id, record in self._journal_entries().items():
+            if queue_id not in seen:
+                found = self._journal_entry(record)
+                if found is not None:
+                    entries.append(found[0])
         entries.sort(key=lambda e: e.queue_id)
         return entries
+
+    def _journal_entry(self, record: journal.Record, with_content: bool = False
+                       ) -> tuple[QueueEntry, bytes] | None:
+        payload = journal.read_payload(self._journal_dir, record)
+        if payload is None:
+            return None
+        try:
+            parsed = queuefile.parse(io.BytesIO(payload), with_content=with_content)
+        except CorruptQueueFile:
+            return None
+        # Waiting for its first attempt, which is due at once: it is "incoming".
+        entry = QueueEntry(record.queue_id, INCOMING, parsed.content_length, parsed.envelope,
+                           parsed.state, parsed.envelope.arrival)
+        return entry, parsed.content or b""
 
     def _entry(self, queue_id: str, with_content: bool = False
                ) -> tuple[QueueEntry, bytes] | None:
         for _ in range(3):  # it may move between looking and opening
             located = self._locate(queue_id)
             if located is None:
-                return None
+                record = self._journal_entries().get(queue_id)
+                return None if record is None else self._journal_entry(record, with_content)
             status, path = located
             try:
                 with open(path, "rb") as handle:
@@ -846,6 +1093,7 @@ class Queue:
 
     def delete(self, queue_id: str) -> bool:
         """Remove a message wherever it is (also while being delivered). False if unknown."""
+        self._settle(queue_id)
         located = self._locate(queue_id)
         if located is None:
             return False
@@ -861,6 +1109,8 @@ class Queue:
 
     def delete_all(self) -> int:
         """Remove every message (not files still being written); returns how many."""
+        for queue_id in self._journal_entries():
+            self._settle(queue_id)
         count = 0
         for status in _MESSAGE_DIRS:
             for name in self._names(status):
@@ -876,6 +1126,7 @@ class Queue:
     def hold(self, queue_id: str) -> bool:
         """Put a message on hold: it is not tried until released. A message being delivered
         is held after the attempt. False if unknown; True if (already) held."""
+        self._settle(queue_id)
         for _ in range(3):
             located = self._locate(queue_id)
             if located is None:
