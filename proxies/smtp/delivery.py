@@ -294,7 +294,9 @@ class DeliveryAgent:
                     self.config.hostname, envelope.sender, rcpts, len(claimed.read_content()),
                     eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
                     tls="opportunistic" if self.tls_context is not None else "never",
-                    keep_open=True,
+                    # The queue holds CRLF-only content: the handler normalised or refused
+                    # every bare CR and LF before it answered 250.
+                    keep_open=True, canonical=True,
                 ), reader, writer)
                 results = await self._run_session(claimed, hop, address, rcpts, conn)
                 assert results is not None

@@ -235,7 +235,9 @@ class GatewayHandler:
             metrics.current.smtp_message("dropped", "filter")
             return "250 2.0.0 Ok"
         if verdict.content is not None:
-            content = verdict.content
+            # Changed by the filter (tags, Authentication-Results): the queue promises
+            # delivery CRLF-only content (ClientSession canonical), whoever wrote the lines.
+            content = normalise_line_endings(verdict.content)
         tls = session.ssl is not None
         protocol = ("ESMTPS" if tls else "ESMTP") if session.extended_smtp else "SMTP"
         queue_id = self.queue.new_id()

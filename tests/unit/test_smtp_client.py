@@ -433,6 +433,14 @@ def test_local_misuse() -> None:
         ready.send_content(b"smuggle\n.\nMAIL FROM:<x@y>\r\n")
 
 
+def test_canonical_content_is_stuffed_without_the_line_ending_check() -> None:
+    """The delivery process's sessions (canonical=True) send the queue's content, which the
+    handler made CRLF-only before its 250: stuffed as ever, just not scanned again."""
+    ready = greeted(canonical=True)
+    ready.send_content(b"line\r\n.dot\r\n")
+    assert ready.data_to_send() == b"line\r\n..dot\r\n.\r\n"
+
+
 @pytest.mark.parametrize(("sender", "recipients", "options"), [
     ("a@b.example", [], {}),
     ("a@b.example", ["x@y.example\r\nRSET"], {}),
