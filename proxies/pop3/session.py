@@ -241,17 +241,23 @@ class Pop3Session:
             raise _Abort(f"writing to the server: {exc}", SERVER_GONE) from None
 
     async def _client_event(self) -> Command | SaslLine | Closed:
+        # RFC 1939 3's autologout timer runs from our last response, and a command that
+        # trickles in a byte every few seconds (slowloris) does not restart it: the whole
+        # command must arrive within client_timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.client_timeout
         while True:
             try:
                 event = self.client.next_event()
             except RemoteProtocolError as exc:
                 if exc.reply:
                     await self._send_client(exc.reply)
+                    deadline = loop.time() + self.config.client_timeout
                 continue
             if not isinstance(event, NeedData):
                 return event
             try:
-                async with asyncio.timeout(self.config.client_timeout):
+                async with asyncio.timeout_at(deadline):
                     data = await self.client_reader.read(CHUNK)
             except TimeoutError:
                 # RFC 1939 3: the autologout timer; no QUIT goes to the server, so nothing is

@@ -11,7 +11,10 @@ aiosmtpd-style handler that also runs under aiosmtpd's own SMTP class, `[smtp] f
   included); a pipelined group (RFC 2920 3.1) gets all its replies in one segment, as from
   Postfix.
 - Time: the command timeout between commands, RFC 5321 4.5.3.2's longer data timeout while
-  content arrives; on expiry a `421 4.4.2` and close.
+  content arrives; on expiry a `421 4.4.2` and close. A command line must be complete within
+  the command timeout of its first byte, however slowly it trickles in (slowloris).
+- Fairness: a long pipelined burst yields to the other connections every BURST commands, and
+  a client that does not read its replies is not answered further until it does.
 - Containment: one connection's bug ends that connection only (logged with its id, which is
   unique across worker processes: pid.sequence), and the client gets a 421 without internals.
 
@@ -61,6 +64,13 @@ from proxies.transparent import original_destination
 # While a hook works (the filter, the queue's fsync) the client may keep sending; beyond this
 # much buffered input we stop reading until the core has consumed it.
 READ_PAUSE_THRESHOLD = 1024 * 1024
+# Commands answered without waiting before the others on this loop get a turn: a megabyte of
+# pipelined NOOPs is some 170,000 commands, seconds of CPU that would stall every other
+# client of the worker. Far above any real pipelined group, which still leaves in one write.
+BURST = 256
+# After our close, how long a client that does not read what we still have to send keeps its
+# connection (and its slot under the connection limits) before it is dropped.
+CLOSE_GRACE = 10.0
 # The core's refusals of message content, as the log names them.
 _CONTENT_REFUSALS: dict[tuple[int, str | None], str] = {
     (550, "5.6.0"): "smtp_nul_in_data",
@@ -131,6 +141,8 @@ class SmtpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._paused = False
+        self._write_paused = False  # the transport's buffer is full: the client is not reading
+        self._abort_timer: asyncio.TimerHandle | None = None
         self._closed = False
         # STARTTLS: "requested" from our 220 until the handshake starts (plain text then is
         # an injection and dropped, RFC 3207 6), "handshake" while it runs (what arrives then
@@ -183,9 +195,16 @@ class SmtpConnection(asyncio.Protocol):
         if self._tls_phase == "handshake":
             self._tls_early += data
             return
+        # Content moves the deadline with every read (RFC 5321 4.5.3.2.6 times each data
+        # block; max_message_size bounds the whole). A command does not: like Postfix's
+        # smtpd_per_record_deadline, a command line must be complete within command_timeout
+        # of its first byte, or a client trickling a byte every few seconds (slowloris)
+        # would hold its connection for ever.
+        if self.core.state == "data":
+            self._arm(self.config.data_timeout)
+        elif not self.core.buffered:
+            self._arm(self.config.command_timeout)
         self.core.receive_data(data)
-        self._arm(self.config.data_timeout if self.core.state == "data"
-                  else self.config.command_timeout)
         if self.core.buffered > READ_PAUSE_THRESHOLD and not self._paused:
             self._paused = True
             assert self.transport is not None
@@ -196,13 +215,23 @@ class SmtpConnection(asyncio.Protocol):
         if not self._closed and self._tls_phase is None:
             self.core.receive_data(b"")
             self._notify()
-        # Keep our side open until the core has said what it has to say (not possible under
-        # TLS, where asyncio closes anyway).
-        return self.session is None or self.session.ssl is None
+        # Keep our side open until the core has said what it has to say. Not possible under
+        # TLS, where asyncio closes anyway (and logs a warning if asked): so not from the
+        # 220 to STARTTLS on, the handshake included (session.ssl is set only after it).
+        return self._tls_phase is None and (self.session is None or self.session.ssl is None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._notify()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_timer()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         replies, self.replies = self.replies, metrics.new_reply_counts()
         metrics.current.smtp_replies(replies)
         if self._admitted and self.client is not None:
@@ -241,15 +270,36 @@ class SmtpConnection(asyncio.Protocol):
                     self.transport.write(self._shutdown(INTERNAL_ERROR))
             self._close()
 
+    async def _drain(self) -> None:
+        """Wait while the client does not read our replies: what it sends meanwhile stays in
+        the core's buffer (reading stops at READ_PAUSE_THRESHOLD), so a client that pipelines
+        without reading costs a bounded amount of memory, not its replies without end."""
+        while self._write_paused and not self._closed:
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
+            self._wake = None
+
     async def _loop(self) -> None:
         out: list[bytes] = []
+        burst = 0
         while not self._closed:
             event = self.core.next_event()
             if event is NEED_DATA:
                 self._write(out)
+                burst = 0
+                await self._drain()
+                if not self.core.buffered and self.core.state != "data":
+                    # Replied to all: the time between commands starts now (4.5.3.2.7).
+                    self._arm(self.config.command_timeout)
                 await self._wait_input()
             elif isinstance(event, Command):
                 out.append(self._send(await self._answer(event)))
+                burst += 1
+                if burst >= BURST:
+                    self._write(out)
+                    burst = 0
+                    await asyncio.sleep(0)
+                    await self._drain()
             elif isinstance(event, MessageReceived):
                 self._write(out)  # e.g. the 354's reply went out long ago; nothing waits
                 out.append(self._send(await self._message(event)))
@@ -282,6 +332,10 @@ class SmtpConnection(asyncio.Protocol):
         self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+            # close() waits for our last replies to be read; a client that never reads them
+            # would keep the transport, and its slot, for ever.
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                CLOSE_GRACE, self.transport.abort)
 
     # --- answering ----------------------------------------------------------------------------
 
