@@ -57,6 +57,9 @@ class Envelope:
     from the quarantine, or queued by a version that did not record it. `verdict` is the
     content filter's ("spam", "virus", "banned"; "" clean or not scanned): a message our filter
     found to be spam or a virus never makes a notification, whatever happens to it.
+    `crlf_only` says the SMTP handler made sure the content has CRLF line ends only (bare CR
+    and LF normalised or refused) before it queued it, so delivery need not look again; a
+    file from anywhere else (another tool, a restored backup) is checked on the way out.
     """
 
     sender: str
@@ -74,6 +77,7 @@ class Envelope:
     arrival: float | None = None
     verification: tuple[tuple[str, str], ...] = ()
     verdict: str = ""
+    crlf_only: bool = False
 
     def __post_init__(self) -> None:
         recipients = tuple(dict.fromkeys(self.recipients))

@@ -18,8 +18,8 @@ survive the round trip.
 
 The envelope's JSON only grows by optional keys, so the format version stays 1 both ways: a
 file without a key reads as its default (older files: no `verification`, no `verdict`), and a
-reader that does not know a key ignores it. `verification` ({recipient: how}) and `verdict`
-are written only when they say something.
+reader that does not know a key ignores it. `verification` ({recipient: how}), `verdict` and
+`crlf_only` are written only when they say something.
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ def envelope_to_json(envelope: Envelope, state: DeliveryState) -> dict[str, Any]
         data["verification"] = dict(envelope.verification)
     if envelope.verdict:
         data["verdict"] = envelope.verdict
+    if envelope.crlf_only:
+        data["crlf_only"] = True
     return data
 
 
@@ -181,6 +183,7 @@ def _envelope_from_json(data: Mapping[str, Any]) -> Envelope:
         verification=tuple((str(rcpt), str(how))
                            for rcpt, how in data.get("verification", {}).items()),
         verdict=str(data.get("verdict", "")),
+        crlf_only=data.get("crlf_only") is True,
     )
 
 

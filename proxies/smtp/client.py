@@ -141,9 +141,10 @@ class ClientSession:
     `next_transaction()` for another message over the same connection (RSET first, RFC 5321
     4.1.1.5) or `quit()`.
 
-    `canonical=True`: the caller vouches that all content it sends has CRLF line ends only
-    (the queue's: normalised or refused when it was accepted), so it is not checked again
-    chunk by chunk (a pass over every octet, the delivery process's largest cost per byte).
+    `canonical=True` (or set before a transaction's content): the caller vouches that the
+    content has CRLF line ends only (normalised or refused when it was accepted), so it is not
+    checked again chunk by chunk (a pass over every octet, the delivery process's largest cost
+    per byte).
     """
 
     def __init__(self, helo_name: str, sender: str, recipients: Sequence[str], size: int, *,

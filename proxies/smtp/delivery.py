@@ -294,9 +294,7 @@ class DeliveryAgent:
                     self.config.hostname, envelope.sender, rcpts, len(claimed.read_content()),
                     eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8,
                     tls="opportunistic" if self.tls_context is not None else "never",
-                    # The queue holds CRLF-only content: the handler normalised or refused
-                    # every bare CR and LF before it answered 250.
-                    keep_open=True, canonical=True,
+                    keep_open=True,
                 ), reader, writer)
                 results = await self._run_session(claimed, hop, address, rcpts, conn)
                 assert results is not None
@@ -331,42 +329,52 @@ class DeliveryAgent:
         if reused:
             session.next_transaction(envelope.sender, rcpts, len(content),
                                      eight_bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
+        # Content our handler queued is CRLF-only already; anything else is checked as sent.
+        session.canonical = envelope.crlf_only
         relay = hostport(address)
         timeout = self.config.delivery_timeout
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                # The session decides what to send while it digests replies, so ask for an
-                # event first and flush what it queued before waiting (this also sends QUIT
-                # after the final event).
-                event = session.next_event()
-                outgoing = session.data_to_send()
-                if outgoing:
-                    writer.write(outgoing)
-                    await asyncio.wait_for(writer.drain(), timeout)
-                if isinstance(event, smtp_client.NeedData):
-                    session.receive_data(await asyncio.wait_for(reader.read(65536), timeout))
-                elif isinstance(event, smtp_client.ReadyForContent):
-                    session.send_content(content)
-                elif isinstance(event, smtp_client.StartTls):
-                    assert self.tls_context is not None
-                    await writer.start_tls(self.tls_context)
-                    session.tls_established()
-                elif isinstance(event, smtp_client.Finished):
-                    out = {}
-                    for rcpt, reply in event.results.items():
-                        out[rcpt] = DeliveryResult(reply.code, str(reply)[4:], connected=True)
-                        logs.event("delivery", qid=claimed.queue_id, rcpt=rcpt, relay=relay,
-                                   via=hop.source, reply=str(reply),
-                                   spoofed=hop.spoof_source or "-")
-                    return out
-                elif isinstance(event, smtp_client.Failed):
-                    if reused and event.stage == "rset":
-                        return None
-                    conn.failed_stage = event.stage
-                    logs.event("delivery_failed", qid=claimed.queue_id, relay=relay,
-                               stage=event.stage, reply=str(event.reply))
-                    return {rcpt: DeliveryResult(event.reply.code, str(event.reply)[4:],
-                                                 connected=True) for rcpt in rcpts}
+            # One timeout context, moved on before every wait (each step gets `timeout`):
+            # asyncio.wait_for made a task per read and per drain, a measurable share of the
+            # delivery process's time per message.
+            async with asyncio.timeout(timeout) as step:
+                while True:
+                    # The session decides what to send while it digests replies, so ask for an
+                    # event first and flush what it queued before waiting (this also sends QUIT
+                    # after the final event).
+                    event = session.next_event()
+                    outgoing = session.data_to_send()
+                    if outgoing:
+                        writer.write(outgoing)
+                        step.reschedule(loop.time() + timeout)
+                        await writer.drain()
+                    if isinstance(event, smtp_client.NeedData):
+                        step.reschedule(loop.time() + timeout)
+                        session.receive_data(await reader.read(65536))
+                    elif isinstance(event, smtp_client.ReadyForContent):
+                        session.send_content(content)
+                    elif isinstance(event, smtp_client.StartTls):
+                        assert self.tls_context is not None
+                        step.reschedule(loop.time() + timeout)
+                        await writer.start_tls(self.tls_context)
+                        session.tls_established()
+                    elif isinstance(event, smtp_client.Finished):
+                        out = {}
+                        for rcpt, reply in event.results.items():
+                            out[rcpt] = DeliveryResult(reply.code, str(reply)[4:], connected=True)
+                            logs.event("delivery", qid=claimed.queue_id, rcpt=rcpt, relay=relay,
+                                       via=hop.source, reply=str(reply),
+                                       spoofed=hop.spoof_source or "-")
+                        return out
+                    elif isinstance(event, smtp_client.Failed):
+                        if reused and event.stage == "rset":
+                            return None
+                        conn.failed_stage = event.stage
+                        logs.event("delivery_failed", qid=claimed.queue_id, relay=relay,
+                                   stage=event.stage, reply=str(event.reply))
+                        return {rcpt: DeliveryResult(event.reply.code, str(event.reply)[4:],
+                                                     connected=True) for rcpt in rcpts}
         except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
             session.reusable = False
             if reused and session.stage == "rset":

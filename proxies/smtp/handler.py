@@ -258,6 +258,8 @@ class GatewayHandler:
             # Spam or a virus let through (tagged or not) never gets a notification
             # (store._bounce): its sender is most likely forged.
             verdict=verdict.verdict,
+            # Bare CR and LF were refused or normalised above, the filter's changes too.
+            crlf_only=True,
         )
         try:
             await self.queue.accept(queued, content, queue_id=queue_id)

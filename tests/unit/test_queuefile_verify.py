@@ -59,6 +59,15 @@ def test_verification_and_verdict_survive_the_queue_file() -> None:
     assert again.verdict == "spam"
 
 
+def test_crlf_only_is_kept_and_absent_means_unchecked() -> None:
+    """Delivery skips the line-ending pass only for content our handler vouched for."""
+    vouched = Envelope(sender="a@sender.example", recipients=(ALICE,), crlf_only=True,
+                       arrival=1_700_000_000.0)
+    assert round_trip(vouched).crlf_only
+    assert not round_trip(Envelope(sender="a@sender.example", recipients=(ALICE,),
+                                   arrival=1_700_000_000.0)).crlf_only
+
+
 def test_one_entry_per_recipient_in_rcpt_order() -> None:
     envelope = Envelope(sender="", recipients=(BOB, ALICE, BOB),
                         verification=((ALICE, "cache"), (BOB, "live"), (ALICE, "live"),
