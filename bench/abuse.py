@@ -29,12 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from netsetup.lab.abuse import check_log
-from netsetup.lab.peers._common import wait_until
 from netsetup.lab.topology import Lab
 from tests.lab.test_abuse import (
-    FLOOD_SOURCES,
     LIMITS,
-    SERVER,
     Probe,
     attack_plan,
     build,
@@ -44,6 +41,7 @@ from tests.lab.test_abuse import (
     memory,
     percentiles,
     run_attacks,
+    total_flood,
 )
 
 CI_SESSIONS = 300  # the mutated sessions of the CI slice, which scale 1.0 means
@@ -85,16 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = attack_plan(args.sessions / CI_SESSIONS, args.duration, args.seed)
             tallies = run_attacks(lab, plan, timeout=args.duration + 120)
             attack_seconds = time.monotonic() - started
-            probe.phase = "total flood"
-            limit = LIMITS["smtp"]["max_connections_per_client"]
-            flood = [{"attack": "smtp_connection_flood", "target": [SERVER, 25],
-                      "sessions": limit, "seconds": 10, "source": source,
-                      "label": f"total flood {source}",
-                      "options": {"per_round": limit, "hold": 3.0}} for source in FLOOD_SOURCES]
-            total = run_attacks(lab, flood, timeout=60)
-            probe.phase = "after"
-            wait_until(lambda: len([p for p in probe.smtp if p[0] == "after"]) >= 5,
-                       "probes after the attack", 60)
+            total = total_flood(lab, probe)
         finally:
             probe.stop()
         after = {name: memory(pid) for name, pid in pids.items()}

@@ -52,6 +52,7 @@ __all__ = [
     "LogReport",
     "Tally",
     "check_log",
+    "connection_flood_plan",
     "run_plan",
 ]
 
@@ -152,6 +153,9 @@ class Conn:
         self.reader = reader
         self.writer = writer
         self.tally = tally
+        # How `_attack` closes the connection once the session is over: with a reset (RST,
+        # SO_LINGER 0) instead of a FIN, where the session decides so.
+        self.reset_on_close = False
 
     @classmethod
     async def open(cls, target: Target, budget: Budget, tally: Tally,
@@ -254,8 +258,45 @@ async def _sessions(budget: Budget, one: Callable[[int], Awaitable[None]],
     await asyncio.gather(*lanes, return_exceptions=True)
 
 
+async def _all_at_once(budget: Budget, one: Callable[[int], Awaitable[None]],
+                       tally: Tally) -> None:
+    """Run `one(index)` for all budget.sessions indexes at once: for the attacks on a limit of
+    connections at a time, where each session bounds its own time by budget.seconds."""
+    await asyncio.gather(*(one(index) for index in range(budget.sessions)))
+
+
 def _outcome(tally: Tally, exc: BaseException) -> None:
     tally.outcomes[f"client error {type(exc).__name__}"] += 1
+
+
+Talk = Callable[[Conn, int], Awaitable[None]]
+Schedule = Callable[[Budget, Callable[[int], Awaitable[None]], Tally], Awaitable[None]]
+
+
+async def _attack(tally: Tally, target: Target, budget: Budget, talk: Talk,
+                  schedule: Schedule = _sessions) -> Tally:
+    """What every attack does around its own talk: each session connects, runs
+    `talk(conn, index)` and closes (with a reset if the talk set `conn.reset_on_close`);
+    `schedule` runs the sessions. A connection refused or cut is what the attack met, not a
+    failure of it: it goes into the outcomes. The attack's whole time goes into the tally."""
+
+    async def one(index: int) -> None:
+        try:
+            conn = await Conn.open(target, budget, tally)
+        except (OSError, TimeoutError) as exc:
+            _outcome(tally, exc)
+            return
+        try:
+            await talk(conn, index)
+        except (OSError, EOFError) as exc:
+            _outcome(tally, exc)
+        finally:
+            await conn.close(reset=conn.reset_on_close)
+
+    started = time.monotonic()
+    await schedule(budget, one, tally)
+    tally.seconds = time.monotonic() - started
+    return tally
 
 
 # --- SMTP attacks ------------------------------------------------------------------------------
@@ -322,16 +363,11 @@ async def smtp_mutated(target: Target, budget: Budget) -> Tally:
     tally = Tally("smtp_mutated")
     idle = float(budget.options.get("idle", 0.5))
 
-    async def one(index: int) -> None:
+    async def talk(conn: Conn, index: int) -> None:
         rng = random.Random(budget.seed * 100_003 + index)
         tag = f"mut{budget.seed}-{index}"
         lines = mutate(rng, _session_script(rng, tag))
         mode = rng.choice(("lockstep", "pipelined", "pieces"))
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
-            return
         try:
             greeting = await conn.reply()
             if not greeting or not greeting[0].startswith(b"220"):
@@ -359,15 +395,12 @@ async def smtp_mutated(target: Target, budget: Budget) -> Tally:
                     data = data[cut:]
                     await asyncio.sleep(rng.random() * 0.02)
             tally.outcomes["server closed" if await conn.closed(idle) else "left open"] += 1
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
         finally:
-            await conn.close(reset=rng.random() < 0.2)
+            # Drawn after the session's other draws, so that a seed still makes the same
+            # sessions.
+            conn.reset_on_close = rng.random() < 0.2
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 async def smtp_slowloris(target: Target, budget: Budget) -> Tally:
@@ -378,42 +411,29 @@ async def smtp_slowloris(target: Target, budget: Budget) -> Tally:
     interval = float(budget.options.get("interval", 2.0))
     script = b"EHLO slowloris.example\r\n" + b"NOOP\r\n" * 1000
 
-    async def one(index: int) -> None:
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
+    async def talk(conn: Conn, index: int) -> None:
+        greeting = await conn.reply()
+        if not greeting or not greeting[0].startswith(b"220"):
+            tally.outcomes["refused" if greeting else "no greeting"] += 1
             return
-        try:
-            greeting = await conn.reply()
-            if not greeting or not greeting[0].startswith(b"220"):
-                tally.outcomes["refused" if greeting else "no greeting"] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget.seconds
+        for byte in script:
+            await conn.send(bytes([byte]))
+            wake = min(deadline, loop.time() + interval)
+            reply = await conn.reply(max(0.0, wake - loop.time()))
+            if reply == []:
+                tally.outcomes["closed"] += 1
                 return
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + budget.seconds
-            for byte in script:
-                await conn.send(bytes([byte]))
-                wake = min(deadline, loop.time() + interval)
-                reply = await conn.reply(max(0.0, wake - loop.time()))
-                if reply == []:
-                    tally.outcomes["closed"] += 1
-                    return
-                if reply is not None and reply[-1].startswith(b"421"):
-                    tally.outcomes["timed out" if b"4.4.2" in reply[-1] else "421"] += 1
-                    await conn.closed(2)
-                    return
-                if loop.time() >= deadline:
-                    tally.outcomes["still open"] += 1
-                    return
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+            if reply is not None and reply[-1].startswith(b"421"):
+                tally.outcomes["timed out" if b"4.4.2" in reply[-1] else "421"] += 1
+                await conn.closed(2)
+                return
+            if loop.time() >= deadline:
+                tally.outcomes["still open"] += 1
+                return
 
-    started = time.monotonic()
-    await asyncio.gather(*(one(i) for i in range(budget.sessions)))
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk, _all_at_once)
 
 
 _FLOODING: dict[Target, int] = {}
@@ -425,10 +445,6 @@ async def smtp_connection_flood(target: Target, budget: Budget) -> Tally:
     tally = Tally("smtp_connection_flood")
     per_round = int(budget.options.get("per_round", 20))
     hold = float(budget.options.get("hold", 1.0))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + budget.seconds
-    started = time.monotonic()
-
     own = [0]
 
     def holding(change: int) -> None:
@@ -439,35 +455,31 @@ async def smtp_connection_flood(target: Target, budget: Budget) -> Tally:
         tally.peak_open = max(tally.peak_open, own[0])
         tally.peak_open_all = max(tally.peak_open_all, _FLOODING[target])
 
-    async def one() -> None:
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
-            return
-        try:
-            greeting = await conn.reply()
-            if greeting and greeting[0].startswith(b"220"):
-                tally.outcomes["admitted"] += 1
-                holding(+1)
-                try:
-                    await asyncio.sleep(hold)
-                finally:
-                    holding(-1)
-                await conn.send(b"QUIT\r\n")
-                await conn.closed(3)
-            else:
-                tally.outcomes["refused" if greeting else "no greeting"] += 1
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+    async def talk(conn: Conn, index: int) -> None:
+        greeting = await conn.reply()
+        if greeting and greeting[0].startswith(b"220"):
+            tally.outcomes["admitted"] += 1
+            holding(+1)
+            try:
+                await asyncio.sleep(hold)
+            finally:
+                holding(-1)
+            await conn.send(b"QUIT\r\n")
+            await conn.closed(3)
+        else:
+            tally.outcomes["refused" if greeting else "no greeting"] += 1
 
-    while tally.sessions < budget.sessions and loop.time() < deadline:
-        count = min(per_round, budget.sessions - tally.sessions)
-        await asyncio.gather(*(one() for _ in range(count)))
-    tally.seconds = time.monotonic() - started
-    return tally
+    async def rounds(budget: Budget, one: Callable[[int], Awaitable[None]],
+                     tally: Tally) -> None:
+        # Each round's connections are held together, so the server sees per_round at once;
+        # the next round opens only when the whole round is over.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget.seconds
+        while tally.sessions < budget.sessions and loop.time() < deadline:
+            count = min(per_round, budget.sessions - tally.sessions)
+            await asyncio.gather(*(one(index) for index in range(count)))
+
+    return await _attack(tally, target, budget, talk, rounds)
 
 
 async def smtp_pipelined_flood(target: Target, budget: Budget) -> Tally:
@@ -479,58 +491,45 @@ async def smtp_pipelined_flood(target: Target, budget: Budget) -> Tally:
     unread = int(budget.options.get("unread_bytes", 8 << 20))
     rcpts = int(budget.options.get("rcpts", 100))
 
-    async def one(index: int) -> None:
+    async def talk(conn: Conn, index: int) -> None:
         kind = index % 5
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
+        if not await conn.reply():
             return
-        try:
-            if not await conn.reply():
-                return
-            if kind == 0:
-                await conn.send(b"EHLO " + HELO + b"\r\n" + b"NOOP\r\n" * noops + b"QUIT\r\n")
-                got = 0
-                while await conn.reply(10):
-                    got += 1
-                tally.outcomes["noop replies as sent" if got == noops + 2
-                               else f"noop replies {got} of {noops + 2}"] += 1
-            elif kind == 1:
-                group = (b"EHLO " + HELO + b"\r\nMAIL FROM:<" + SENDER + b">\r\n"
-                         + b"".join(b"RCPT TO:<r%d@example.com>\r\n" % n for n in range(rcpts))
-                         + b"RSET\r\nQUIT\r\n")
-                await conn.send(group)
-                tally.outcomes["closed" if await conn.closed(20) else "left open"] += 1
-            elif kind == 2:
-                await conn.send(b"".join(b"XYZZY%d\r\n" % n for n in range(50)))
-                tally.outcomes["closed" if await conn.closed(10) else "left open"] += 1
-            elif kind == 3:
-                await conn.send(b"EHLO " + HELO + b"\r\n" + b"MAIL FROM:<bad\r\n" * 50)
-                tally.outcomes["closed" if await conn.closed(10) else "left open"] += 1
-            else:
-                # Never reading: the server's replies pile up unless it stops reading us.
-                chunk = b"NOOP\r\n" * 10000
-                sent = 0
-                try:
-                    while sent < unread:
-                        conn.writer.write(chunk)
-                        sent += len(chunk)
-                        tally.bytes_sent += len(chunk)
-                        await asyncio.wait_for(conn.writer.drain(), 5)
-                    tally.outcomes["unread: all sent"] += 1
-                except TimeoutError:
-                    tally.outcomes["unread: server stopped reading"] += 1
-                await conn.close(reset=True)
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+        if kind == 0:
+            await conn.send(b"EHLO " + HELO + b"\r\n" + b"NOOP\r\n" * noops + b"QUIT\r\n")
+            got = 0
+            while await conn.reply(10):
+                got += 1
+            tally.outcomes["noop replies as sent" if got == noops + 2
+                           else f"noop replies {got} of {noops + 2}"] += 1
+        elif kind == 1:
+            group = (b"EHLO " + HELO + b"\r\nMAIL FROM:<" + SENDER + b">\r\n"
+                     + b"".join(b"RCPT TO:<r%d@example.com>\r\n" % n for n in range(rcpts))
+                     + b"RSET\r\nQUIT\r\n")
+            await conn.send(group)
+            tally.outcomes["closed" if await conn.closed(20) else "left open"] += 1
+        elif kind == 2:
+            await conn.send(b"".join(b"XYZZY%d\r\n" % n for n in range(50)))
+            tally.outcomes["closed" if await conn.closed(10) else "left open"] += 1
+        elif kind == 3:
+            await conn.send(b"EHLO " + HELO + b"\r\n" + b"MAIL FROM:<bad\r\n" * 50)
+            tally.outcomes["closed" if await conn.closed(10) else "left open"] += 1
+        else:
+            # Never reading: the server's replies pile up unless it stops reading us.
+            chunk = b"NOOP\r\n" * 10000
+            sent = 0
+            try:
+                while sent < unread:
+                    conn.writer.write(chunk)
+                    sent += len(chunk)
+                    tally.bytes_sent += len(chunk)
+                    await asyncio.wait_for(conn.writer.drain(), 5)
+                tally.outcomes["unread: all sent"] += 1
+            except TimeoutError:
+                tally.outcomes["unread: server stopped reading"] += 1
+            await conn.close(reset=True)
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 async def smtp_huge(target: Target, budget: Budget) -> Tally:
@@ -540,56 +539,43 @@ async def smtp_huge(target: Target, budget: Budget) -> Tally:
     size = int(budget.options.get("size", 4 << 20))
     endless = float(budget.options.get("endless_seconds", 3.0))
 
-    async def one(index: int) -> None:
+    async def talk(conn: Conn, index: int) -> None:
         kind = index % 4
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
+        if not await conn.reply():
             return
-        try:
-            if not await conn.reply():
-                return
-            if kind == 1:
-                await conn.send(b"EHLO " + b"h" * (1 << 20) + b"\r\nQUIT\r\n")
-                await conn.closed(10)
-                return
-            await conn.send(b"EHLO " + HELO + b"\r\n")
-            await conn.reply()
-            await conn.send(b"MAIL FROM:<" + SENDER + b">\r\n")
-            await conn.reply()
-            await conn.send(b"RCPT TO:<" + RECIPIENT + b">\r\n")
-            rcpt = await conn.reply(10)
-            if not rcpt or not rcpt[-1].startswith(b"250"):
-                tally.outcomes["rcpt refused"] += 1
-                return
-            await conn.send(b"DATA\r\n")
-            await conn.reply()
-            line = b"x" * 998 + b"\r\n"
-            if kind == 0:
-                for _ in range(size // len(line)):
-                    await conn.send(line)
-                await conn.send(b".\r\nQUIT\r\n")
-                await conn.closed(10)
-            elif kind == 2:
-                await conn.send(b"Subject: long\r\n\r\n" + b"y" * 100_000 + b"\r\n.\r\nQUIT\r\n")
-                await conn.closed(10)
-            else:
-                loop = asyncio.get_running_loop()
-                stop = loop.time() + endless
-                while loop.time() < stop:
-                    await conn.send(line * 64)
-                tally.outcomes["endless data sent"] += 1
-                await conn.close(reset=True)
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+        if kind == 1:
+            await conn.send(b"EHLO " + b"h" * (1 << 20) + b"\r\nQUIT\r\n")
+            await conn.closed(10)
+            return
+        await conn.send(b"EHLO " + HELO + b"\r\n")
+        await conn.reply()
+        await conn.send(b"MAIL FROM:<" + SENDER + b">\r\n")
+        await conn.reply()
+        await conn.send(b"RCPT TO:<" + RECIPIENT + b">\r\n")
+        rcpt = await conn.reply(10)
+        if not rcpt or not rcpt[-1].startswith(b"250"):
+            tally.outcomes["rcpt refused"] += 1
+            return
+        await conn.send(b"DATA\r\n")
+        await conn.reply()
+        line = b"x" * 998 + b"\r\n"
+        if kind == 0:
+            for _ in range(size // len(line)):
+                await conn.send(line)
+            await conn.send(b".\r\nQUIT\r\n")
+            await conn.closed(10)
+        elif kind == 2:
+            await conn.send(b"Subject: long\r\n\r\n" + b"y" * 100_000 + b"\r\n.\r\nQUIT\r\n")
+            await conn.closed(10)
+        else:
+            loop = asyncio.get_running_loop()
+            stop = loop.time() + endless
+            while loop.time() < stop:
+                await conn.send(line * 64)
+            tally.outcomes["endless data sent"] += 1
+            await conn.close(reset=True)
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 def _client_tls() -> ssl.SSLContext:
@@ -609,70 +595,57 @@ async def smtp_tls_garbage(target: Target, budget: Budget) -> Tally:
     tally = Tally("smtp_tls_garbage")
     stall = float(budget.options.get("stall", 5.0))
 
-    async def one(index: int) -> None:
+    async def talk(conn: Conn, index: int) -> None:
         kind = TLS_GARBAGE_KINDS[index % len(TLS_GARBAGE_KINDS)]
         rng = random.Random(budget.seed * 7919 + index)
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
+        if not await conn.reply():
             return
-        try:
-            if not await conn.reply():
-                return
+        await conn.send(b"EHLO " + HELO + b"\r\n")
+        await conn.reply()
+        if kind == "injection":
+            await conn.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\n")
+        else:
+            await conn.send(b"STARTTLS\r\n")
+        ready = await conn.reply()
+        if not ready or not ready[-1].startswith(b"220"):
+            tally.outcomes["no 220 to STARTTLS"] += 1
+            return
+        if kind == "random bytes":
+            await conn.send(bytes(rng.randrange(256) for _ in range(rng.randint(1, 4000))))
+        elif kind == "plain command":
             await conn.send(b"EHLO " + HELO + b"\r\n")
-            await conn.reply()
-            if kind == "injection":
-                await conn.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\n")
-            else:
-                await conn.send(b"STARTTLS\r\n")
-            ready = await conn.reply()
-            if not ready or not ready[-1].startswith(b"220"):
-                tally.outcomes["no 220 to STARTTLS"] += 1
+        elif kind == "close after 220":
+            await conn.close()
+            tally.outcomes[kind] += 1
+            return
+        elif kind == "truncated hello":
+            # A TLS record header that promises more than follows.
+            await conn.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        elif kind == "stalled handshake":
+            await asyncio.sleep(stall)
+        if kind in ("garbage inside tls", "abrupt close inside tls", "injection"):
+            try:
+                await asyncio.wait_for(conn.writer.start_tls(_client_tls()), 10)
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                tally.outcomes[f"{kind}: handshake failed {type(exc).__name__}"] += 1
                 return
-            if kind == "random bytes":
-                await conn.send(bytes(rng.randrange(256) for _ in range(rng.randint(1, 4000))))
-            elif kind == "plain command":
-                await conn.send(b"EHLO " + HELO + b"\r\n")
-            elif kind == "close after 220":
-                await conn.close()
+            if kind == "abrupt close inside tls":
+                await conn.send(b"EHLO " + HELO + b"\r\nMAIL FROM:<" + SENDER + b">\r\n")
+                await conn.close(reset=True)
                 tally.outcomes[kind] += 1
                 return
-            elif kind == "truncated hello":
-                # A TLS record header that promises more than follows.
-                await conn.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-            elif kind == "stalled handshake":
-                await asyncio.sleep(stall)
-            if kind in ("garbage inside tls", "abrupt close inside tls", "injection"):
-                try:
-                    await asyncio.wait_for(conn.writer.start_tls(_client_tls()), 10)
-                except (OSError, ssl.SSLError, TimeoutError) as exc:
-                    tally.outcomes[f"{kind}: handshake failed {type(exc).__name__}"] += 1
-                    return
-                if kind == "abrupt close inside tls":
-                    await conn.send(b"EHLO " + HELO + b"\r\nMAIL FROM:<" + SENDER + b">\r\n")
-                    await conn.close(reset=True)
-                    tally.outcomes[kind] += 1
-                    return
-                if kind == "garbage inside tls":
-                    await conn.send(bytes(rng.randrange(256) for _ in range(2000)) + b"\r\n")
-                else:
-                    await conn.send(b"EHLO " + HELO + b"\r\nQUIT\r\n")
-            try:
-                closed = await conn.closed(10)
-            except ssl.SSLError as exc:
-                tally.outcomes[f"{kind}: ssl error {exc.reason}"] += 1
-                return
-            tally.outcomes[f"{kind}: {'closed' if closed else 'left open'}"] += 1
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+            if kind == "garbage inside tls":
+                await conn.send(bytes(rng.randrange(256) for _ in range(2000)) + b"\r\n")
+            else:
+                await conn.send(b"EHLO " + HELO + b"\r\nQUIT\r\n")
+        try:
+            closed = await conn.closed(10)
+        except ssl.SSLError as exc:
+            tally.outcomes[f"{kind}: ssl error {exc.reason}"] += 1
+            return
+        tally.outcomes[f"{kind}: {'closed' if closed else 'left open'}"] += 1
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 HALF_CLOSED_KINDS = ("message then eof", "ehlo then eof", "eof in data", "reset in data",
@@ -684,55 +657,42 @@ async def smtp_half_closed(target: Target, budget: Budget) -> Tally:
     before the EOF must still get its 250 (its Message-ID goes into accepted_ids)."""
     tally = Tally("smtp_half_closed")
 
-    async def one(index: int) -> None:
+    async def talk(conn: Conn, index: int) -> None:
         kind = HALF_CLOSED_KINDS[index % len(HALF_CLOSED_KINDS)]
         mid = f"half{budget.seed}-{index}@abuse.example"
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
+        if not await conn.reply():
             return
-        try:
-            if not await conn.reply():
+        ehlo = b"EHLO " + HELO + b"\r\n"
+        transaction = (b"MAIL FROM:<" + SENDER + b">\r\nRCPT TO:<" + RECIPIENT
+                       + b">\r\nDATA\r\n")
+        content = (b"Subject: half closed\r\nMessage-ID: <" + mid.encode()
+                   + b">\r\n\r\nbody\r\n")
+        if kind == "message then eof":
+            await conn.send(ehlo + transaction)
+            replies = [await conn.reply(10) for _ in range(4)]
+            await conn.send(content + b".\r\n")
+            conn.writer.write_eof()
+            final = await conn.reply(20)
+            if replies[-1] and replies[-1][-1].startswith(b"354") and final \
+                    and final[-1].startswith(b"250"):
+                tally.accepted_ids.append(mid)
+        elif kind == "ehlo then eof":
+            await conn.send(ehlo)
+            conn.writer.write_eof()
+        elif kind == "eof in a line":
+            await conn.send(ehlo + b"MAIL FROM:<" + SENDER)
+            conn.writer.write_eof()
+        else:
+            await conn.send(ehlo + transaction + content[:30])
+            if kind == "reset in data":
+                await asyncio.sleep(0.3)
+                await conn.close(reset=True)
+                tally.outcomes[kind] += 1
                 return
-            ehlo = b"EHLO " + HELO + b"\r\n"
-            transaction = (b"MAIL FROM:<" + SENDER + b">\r\nRCPT TO:<" + RECIPIENT
-                           + b">\r\nDATA\r\n")
-            content = (b"Subject: half closed\r\nMessage-ID: <" + mid.encode()
-                       + b">\r\n\r\nbody\r\n")
-            if kind == "message then eof":
-                await conn.send(ehlo + transaction)
-                replies = [await conn.reply(10) for _ in range(4)]
-                await conn.send(content + b".\r\n")
-                conn.writer.write_eof()
-                final = await conn.reply(20)
-                if replies[-1] and replies[-1][-1].startswith(b"354") and final \
-                        and final[-1].startswith(b"250"):
-                    tally.accepted_ids.append(mid)
-            elif kind == "ehlo then eof":
-                await conn.send(ehlo)
-                conn.writer.write_eof()
-            elif kind == "eof in a line":
-                await conn.send(ehlo + b"MAIL FROM:<" + SENDER)
-                conn.writer.write_eof()
-            else:
-                await conn.send(ehlo + transaction + content[:30])
-                if kind == "reset in data":
-                    await asyncio.sleep(0.3)
-                    await conn.close(reset=True)
-                    tally.outcomes[kind] += 1
-                    return
-                conn.writer.write_eof()
-            tally.outcomes[f"{kind}: {'closed' if await conn.closed(10) else 'left open'}"] += 1
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+            conn.writer.write_eof()
+        tally.outcomes[f"{kind}: {'closed' if await conn.closed(10) else 'left open'}"] += 1
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 # --- POP3 attacks ------------------------------------------------------------------------------
@@ -772,37 +732,24 @@ async def pop3_hostile_server(target: Target, budget: Budget) -> Tally:
     timeout = float(budget.options.get("timeout", 8.0))
     max_bytes = int(budget.options.get("max_bytes", 256 << 10))
 
-    async def one(index: int) -> None:
+    async def talk(conn: Conn, index: int) -> None:
         fault = POP3_FAULTS[index % len(POP3_FAULTS)]
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
+        ending = await _pop3_response(conn, tally, timeout, 0, False)
+        if ending != "ok":
+            tally.outcomes[f"{fault}: greeting {ending}"] += 1
             return
-        try:
+        for command in (b"USER " + fault.encode(), b"PASS x"):
+            await conn.send(command + b"\r\n")
             ending = await _pop3_response(conn, tally, timeout, 0, False)
             if ending != "ok":
-                tally.outcomes[f"{fault}: greeting {ending}"] += 1
+                tally.outcomes[f"{fault}: {command.split()[0].decode()} {ending}"] += 1
                 return
-            for command in (b"USER " + fault.encode(), b"PASS x"):
-                await conn.send(command + b"\r\n")
-                ending = await _pop3_response(conn, tally, timeout, 0, False)
-                if ending != "ok":
-                    tally.outcomes[f"{fault}: {command.split()[0].decode()} {ending}"] += 1
-                    return
-            command = b"LIST" if fault == "endless-list" else b"RETR 1"
-            await conn.send(command + b"\r\n")
-            ending = await _pop3_response(conn, tally, timeout, max_bytes, True)
-            tally.outcomes[f"{fault}: {ending}"] += 1
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+        command = b"LIST" if fault == "endless-list" else b"RETR 1"
+        await conn.send(command + b"\r\n")
+        ending = await _pop3_response(conn, tally, timeout, max_bytes, True)
+        tally.outcomes[f"{fault}: {ending}"] += 1
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 async def pop3_greeting_faults(target: Target, budget: Budget) -> Tally:
@@ -810,27 +757,14 @@ async def pop3_greeting_faults(target: Target, budget: Budget) -> Tally:
     tally = Tally("pop3_greeting_faults")
     timeout = float(budget.options.get("timeout", 8.0))
 
-    async def one(index: int) -> None:
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
-            return
-        try:
-            ending = await _pop3_response(conn, tally, timeout, 0, False)
-            if ending == "ok":
-                await conn.send(b"QUIT\r\n")
-                ending = "ok, then " + await _pop3_response(conn, tally, timeout, 0, False)
-            tally.outcomes[ending] += 1
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+    async def talk(conn: Conn, index: int) -> None:
+        ending = await _pop3_response(conn, tally, timeout, 0, False)
+        if ending == "ok":
+            await conn.send(b"QUIT\r\n")
+            ending = "ok, then " + await _pop3_response(conn, tally, timeout, 0, False)
+        tally.outcomes[ending] += 1
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 POP3_VERBS = (b"USER", b"PASS", b"STAT", b"LIST", b"UIDL", b"RETR", b"TOP", b"NOOP", b"RSET",
@@ -845,7 +779,7 @@ async def pop3_mutated(target: Target, budget: Budget) -> Tally:
     password = str(budget.options.get("password", "secret")).encode()
     idle = float(budget.options.get("idle", 1.0))
 
-    async def one(index: int) -> None:
+    async def talk(conn: Conn, index: int) -> None:
         rng = random.Random(budget.seed * 31337 + index)
         lines = [b"CAPA", b"USER " + user, b"PASS " + password, b"STAT", b"LIST", b"UIDL 1",
                  b"TOP 1 0", b"RETR 1", b"NOOP", b"QUIT"]
@@ -853,11 +787,6 @@ async def pop3_mutated(target: Target, budget: Budget) -> Tally:
         if rng.random() < 0.3:
             lines.insert(rng.randint(0, len(lines)), rng.choice(POP3_VERBS) + b" "
                          + bytes(rng.randrange(32, 127) for _ in range(rng.randint(0, 30))))
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
-            return
         try:
             ending = await _pop3_response(conn, tally, 5, 0, False)
             if ending != "ok":
@@ -877,15 +806,12 @@ async def pop3_mutated(target: Target, budget: Budget) -> Tally:
                     tally.outcomes[ending] += 1
                     return
             tally.outcomes["ran through"] += 1
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
         finally:
-            await conn.close(reset=rng.random() < 0.2)
+            # Drawn after the session's other draws, so that a seed still makes the same
+            # sessions.
+            conn.reset_on_close = rng.random() < 0.2
 
-    started = time.monotonic()
-    await _sessions(budget, one, tally)
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk)
 
 
 async def pop3_slowloris(target: Target, budget: Budget) -> Tally:
@@ -893,44 +819,31 @@ async def pop3_slowloris(target: Target, budget: Budget) -> Tally:
     tally = Tally("pop3_slowloris")
     interval = float(budget.options.get("interval", 2.0))
 
-    async def one(index: int) -> None:
-        try:
-            conn = await Conn.open(target, budget, tally)
-        except (OSError, TimeoutError) as exc:
-            _outcome(tally, exc)
+    async def talk(conn: Conn, index: int) -> None:
+        greeting = await conn.line(5)
+        if not greeting or not greeting.startswith(b"+OK"):
+            if greeting:
+                tally.pop3_line(greeting, status=True)
+            tally.outcomes["refused" if greeting else "no greeting"] += 1
             return
-        try:
-            greeting = await conn.line(5)
-            if not greeting or not greeting.startswith(b"+OK"):
-                if greeting:
-                    tally.pop3_line(greeting, status=True)
-                tally.outcomes["refused" if greeting else "no greeting"] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget.seconds
+        for byte in b"CAPA\r\n" * 1000:
+            await conn.send(bytes([byte]))
+            wake = min(deadline, loop.time() + interval)
+            line = await conn.line(max(0.0, wake - loop.time()))
+            if line is None and conn.eof:
+                tally.outcomes["closed"] += 1
                 return
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + budget.seconds
-            for byte in b"CAPA\r\n" * 1000:
-                await conn.send(bytes([byte]))
-                wake = min(deadline, loop.time() + interval)
-                line = await conn.line(max(0.0, wake - loop.time()))
-                if line is None and conn.eof:
-                    tally.outcomes["closed"] += 1
-                    return
-                if line is not None and line.startswith(b"-ERR"):
-                    tally.pop3_line(line, status=True)
-                    tally.outcomes["timed out" if b"autologout" in line else "-ERR"] += 1
-                    return
-                if loop.time() >= deadline:
-                    tally.outcomes["still open"] += 1
-                    return
-        except (OSError, EOFError) as exc:
-            _outcome(tally, exc)
-        finally:
-            await conn.close()
+            if line is not None and line.startswith(b"-ERR"):
+                tally.pop3_line(line, status=True)
+                tally.outcomes["timed out" if b"autologout" in line else "-ERR"] += 1
+                return
+            if loop.time() >= deadline:
+                tally.outcomes["still open"] += 1
+                return
 
-    started = time.monotonic()
-    await asyncio.gather(*(one(i) for i in range(budget.sessions)))
-    tally.seconds = time.monotonic() - started
-    return tally
+    return await _attack(tally, target, budget, talk, _all_at_once)
 
 
 ATTACKS: dict[str, Callable[[Target, Budget], Awaitable[Tally]]] = {
@@ -963,6 +876,18 @@ async def run_plan(plan: Sequence[dict[str, Any]]) -> list[Tally]:
         return tally
 
     return list(await asyncio.gather(*(one(entry) for entry in plan)))
+
+
+def connection_flood_plan(target: Target, sources: Sequence[str], per_client: int,
+                          seconds: float = 10, hold: float = 3.0) -> list[dict[str, Any]]:
+    """A plan of connection floods on `target`, one from each address of `sources`, all at
+    once: each opens `per_client` connections together and holds them `hold` seconds. With
+    more sources than the server's total limit has room for, that limit must answer, since no
+    one client passes its own. Each entry is labelled with its source, so the tallies stay
+    apart."""
+    return [{"attack": "smtp_connection_flood", "target": list(target), "sessions": per_client,
+             "seconds": seconds, "source": source, "label": f"total flood {source}",
+             "options": {"per_round": per_client, "hold": hold}} for source in sources]
 
 
 # --- the hostile POP3 server -------------------------------------------------------------------

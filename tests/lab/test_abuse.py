@@ -25,7 +25,6 @@ import poplib
 import re
 import secrets
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,13 +37,14 @@ from typing import Any
 
 import pytest
 
-from netsetup.lab.abuse import Tally, check_log
+from netsetup.lab.abuse import Tally, check_log, connection_flood_plan
 from netsetup.lab.peers._common import in_netns, wait_until
 from netsetup.lab.peers.clamd import Clamd
 from netsetup.lab.peers.dovecot import DovecotInstance
 from netsetup.lab.peers.sink import SmtpSink
 from netsetup.lab.topology import Lab
 from tests.lab.smtp_helpers import GATEWAY_HOSTNAME, HELO, Gateway, message, toml_value
+from tests.lab.test_pop3_lab import BoundPOP3
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -143,18 +143,6 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 # --- probes ------------------------------------------------------------------------------------
-
-
-class BoundPOP3(poplib.POP3):
-    """poplib from a chosen source address (poplib itself has no source_address)."""
-
-    def __init__(self, host: str, port: int, timeout: float, source: tuple[str, int]) -> None:
-        self.source = source
-        super().__init__(host, port, timeout=timeout)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout,
-                                        source_address=self.source)
 
 
 @dataclass
@@ -325,6 +313,20 @@ def run_attacks(lab: Lab, plan: list[dict[str, Any]], timeout: float) -> dict[st
     return {t["attack"]: Tally.from_json(t) for t in json.loads(out)}
 
 
+def total_flood(lab: Lab, probe: Probe) -> dict[str, Tally]:
+    """The whole connection limit flooded from more addresses than it has room for, at once
+    (the probe may be refused meanwhile: that is the limit at work), then the probe given the
+    time to get five messages through after it."""
+    probe.phase = "total flood"
+    limit = LIMITS["smtp"]["max_connections_per_client"]
+    total = run_attacks(lab, connection_flood_plan((SERVER, 25), FLOOD_SOURCES, limit),
+                        timeout=60)
+    probe.phase = "after"
+    wait_until(lambda: len([p for p in probe.smtp if p[0] == "after"]) >= 5,
+               "probes after the attack", 60)
+    return total
+
+
 def describe(tally: Tally) -> str:
     return (f"{tally.attack:22} {tally.sessions:4d} sessions in {tally.seconds:5.1f} s "
             f"(longest {tally.longest_session:4.1f} s)  "
@@ -397,17 +399,7 @@ def test_mailgate_under_attack(env: Env) -> None:
         before = {name: memory(pid) for name, pid in pids.items()}
         probe.phase = "attack"
         tallies = run_attacks(lab, attack_plan(), timeout=ATTACK_SECONDS + 60)
-        # The whole connection limit: more addresses than it has room for, at once (the
-        # probe may be refused meanwhile: that is the limit at work).
-        probe.phase = "total flood"
-        limit = LIMITS["smtp"]["max_connections_per_client"]
-        flood = [{"attack": "smtp_connection_flood", "target": [SERVER, 25], "sessions": limit,
-                  "seconds": 10, "source": source, "label": f"total flood {source}",
-                  "options": {"per_round": limit, "hold": 3.0}} for source in FLOOD_SOURCES]
-        total = run_attacks(lab, flood, timeout=60)
-        probe.phase = "after"
-        wait_until(lambda: len([p for p in probe.smtp if p[0] == "after"]) >= 5,
-                   "probes after the attack", 60)
+        total = total_flood(lab, probe)
     finally:
         probe.stop()
     after = {name: memory(pid) for name, pid in pids.items()}
