@@ -27,6 +27,9 @@ from netsetup.lab.peers._common import (
 )
 from netsetup.lab.topology import Host, Lab
 
+# smtp-sink -c's running counters, which it rewrites in place ("\r") as they change.
+_COUNTER = re.compile(rb"mesg=(\d+)")
+
 SINK_USER = "nobody"  # smtp-sink refuses to keep running as root
 
 
@@ -98,6 +101,15 @@ class SmtpSink:
         wait_until(lambda: len(self.dumps()) >= count, f"{count} smtp-sink dump(s)", timeout,
                    self.process, (self.log_path,))
         return self.messages()
+
+    def counted(self) -> int:
+        """Messages received so far, by smtp-sink's own running counter (start it with
+        extra_args=["-c"]): the last "mesg=N" in its log ("sess=3 quit=3 mesg=3\\r")."""
+        with self.log_path.open("rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 256))
+            found = _COUNTER.findall(log.read())
+        return int(found[-1]) if found else 0
 
     def stop(self) -> None:
         if self.process is not None:
