@@ -183,6 +183,21 @@ def test_cache_is_shared_between_processes_and_survives_a_restart(tmp_path: Path
     assert mode == "wal"  # readers never wait for the writer
 
 
+def test_a_warm_recipient_is_answered_from_memory_for_a_minute(tmp_path: Path) -> None:
+    """Each process reads the shared file once per recipient a minute, not at every RCPT;
+    another process's newer answer shows within that minute, never later."""
+    clock = Clock()
+    path = tmp_path / "verify.db"
+    worker1, worker2 = VerifyCache(path, clock=clock), VerifyCache(path, clock=clock)
+    worker1.put("hop", ALICE, "ok", "250", ttl=3600)
+    assert worker2.get("hop", ALICE).status == "ok"  # type: ignore[union-attr]
+    worker1.put("hop", ALICE, "refused", "550 5.1.1 gone", ttl=3600)
+    assert worker1.get("hop", ALICE).status == "refused"  # type: ignore[union-attr]
+    assert worker2.get("hop", ALICE).status == "ok"  # type: ignore[union-attr]
+    clock.now += 61
+    assert worker2.get("hop", ALICE).status == "refused"  # type: ignore[union-attr]
+
+
 def test_a_tempfail_never_replaces_a_fresh_answer(tmp_path: Path) -> None:
     clock = Clock()
     cache = VerifyCache(tmp_path / "verify.db", clock=clock)
