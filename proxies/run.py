@@ -93,7 +93,7 @@ def _open_queue(config: Config) -> Queue:
     with _starting(f"queue directory {smtp.queue_dir} (smtp.queue_dir)"):
         smtp.queue_dir.mkdir(parents=True, exist_ok=True)
         queue = Queue(smtp.queue_dir, retry_min=smtp.retry_min, retry_max=smtp.retry_max,
-                      lifetime=smtp.queue_lifetime, hostname=smtp.hostname)
+                      lifetime=smtp.queue_lifetime, hostname=smtp.hostname, use_journal=True)
     queue.bounce_limit = BounceRateLimit.for_queue(smtp)
     return queue
 

@@ -175,7 +175,7 @@ class Queue:
                  retry_max: float = 4000.0, lifetime: float = 5 * 86400.0,
                  hostname: str = "", clock: Callable[[], float] = time.time,
                  create: bool = True, write_threads: int = 16,
-                 use_journal: bool = True, delivers: bool = True) -> None:
+                 use_journal: bool = False, delivers: bool = True) -> None:
         if not 0 < retry_min <= retry_max:
             raise ValueError("need 0 < retry_min <= retry_max")
         self.directory = Path(directory)
@@ -193,7 +193,10 @@ class Queue:
         self._dirs = {name: self.directory / name for name in QUEUE_DIRS}
         self._journal_dir = self.directory / journal.JOURNAL_DIR
         self._journal_dir.mkdir(mode=0o700, exist_ok=True)
-        # accept() appends to the journal (journal.py) instead of writing a file per message.
+        # accept() appends to the journal (journal.py) instead of writing a file per message:
+        # for `mailgate run`'s own processes, which read each other's segments. A short-lived
+        # writer (`mailgate quarantine release`) writes files, which the master finds at the
+        # rescan it is poked for; its segment would wait until the process is gone.
         self.use_journal = use_journal
         # This process delivers (the master): it schedules what is accepted, reads the
         # journal and recovers what dead writers left there. Acceptor workers do not: they

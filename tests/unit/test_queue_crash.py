@@ -31,7 +31,7 @@ def content(n):
     return b"Subject: message %d\r\n\r\n" % n + bytes([65 + n % 26]) * (n % 7 * 20000)
 
 async def main(directory, first):
-    queue = Queue(Path(directory), hostname="crash.example")
+    queue = Queue(Path(directory), hostname="crash.example", use_journal=True)
     counter = iter(range(first, first + 10**9))
 
     async def session():
@@ -103,7 +103,7 @@ from pathlib import Path
 from proxies.queue import Envelope, Queue
 
 async def main(directory, count):
-    queue = Queue(Path(directory), hostname="acceptor.example")
+    queue = Queue(Path(directory), hostname="acceptor.example", use_journal=True)
     env = Envelope(sender="a@example.com", recipients=("b@example.org",))
 
     async def session(k):

@@ -26,7 +26,8 @@ def envelope() -> Envelope:
 
 
 def make_queue(path: Path, **kwargs: object) -> Queue:
-    return Queue(path, hostname="gw.example.net", retry_min=60.0, **kwargs)  # type: ignore[arg-type]
+    return Queue(path, hostname="gw.example.net", retry_min=60.0,  # type: ignore[arg-type]
+                 use_journal=True, **kwargs)
 
 
 def accept(queue: Queue, count: int = 1) -> list[str]:

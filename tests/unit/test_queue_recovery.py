@@ -46,7 +46,7 @@ class Clock:
 def make_queue(path: Path, clock: Clock) -> Queue:
     # Files from the start: these are about recovering the directories (the journal's own
     # recovery is in test_queue_journal.py).
-    return Queue(path, hostname="gw.example.net", clock=clock, use_journal=False)
+    return Queue(path, hostname="gw.example.net", clock=clock)
 
 
 def accept(queue: Queue) -> str:

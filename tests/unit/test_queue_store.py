@@ -53,11 +53,11 @@ def envelope(sender: str = "alice@example.com",
 
 def make_queue(path: Path, clock: Clock | None = None, *, retry_min: float = 300.0,
                retry_max: float = 4000.0, lifetime: float = 5 * 86400.0) -> Queue:
-    # A file per message from the start (use_journal=False): these tests are about the
-    # directories, where every message not delivered at once ends up (test_queue_journal.py
-    # has the journal in front of them).
+    # A file per message from the start (the default, use_journal=False): these tests are
+    # about the directories, where every message not delivered at once ends up
+    # (test_queue_journal.py has the journal in front of them).
     return Queue(path, hostname="gw.example.net", clock=clock or Clock(), retry_min=retry_min,
-                 retry_max=retry_max, lifetime=lifetime, use_journal=False)
+                 retry_max=retry_max, lifetime=lifetime)
 
 
 def accept(queue: Queue, env: Envelope | None = None, content: bytes = CONTENT) -> str:
@@ -468,8 +468,7 @@ def test_a_deferral_wakes_the_sleeping_scheduler_at_its_due_time(
     """The scheduler sleeps until the next due time it knows of: a whole scan interval when the
     only message is being tried. The deferral must move that wake-up to the retry time."""
     retry = 0.3
-    queue = Queue(tmp_path, hostname="gw.example.net", retry_min=retry, retry_max=retry,
-                  use_journal=False)
+    queue = Queue(tmp_path, hostname="gw.example.net", retry_min=retry, retry_max=retry)
     config = SmtpConfig(hostname="gw.example.net", queue_dir=tmp_path, retry_min=retry,
                         retry_max=retry, queue_scan_interval=60.0, workers=1)
     agent = DeliveryAgent(config, queue, spoof_source=False, tls_context=None)
