@@ -296,6 +296,11 @@ class ServerReader:
     def state(self) -> str:
         return self._state
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as events."""
+        return len(self._buffer)
+
     def take_buffer(self) -> bytes:
         """What is buffered (for a passthrough relay after STLS)."""
         data = bytes(self._buffer)

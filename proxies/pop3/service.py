@@ -20,8 +20,10 @@ from proxies import logs
 from proxies.config import Config
 from proxies.mail.limits import ConnectionGate
 from proxies.pop3.cache import ScanCache
+from proxies.pop3.codec import ClientReader
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.errors import err
+from proxies.pop3.link import Link
 from proxies.pop3.session import Pop3Session, QuarantineStore, SessionContext, set_nodelay
 from proxies.quarantine import Quarantine
 from proxies.scan.api import ContentScanner, ScanResult
@@ -31,6 +33,8 @@ from proxies.transparent import Address, connection_info, make_listeners
 __all__ = ["Pop3Proxy", "RunningService", "SharedQuarantine", "start_pop3"]
 
 STOP_GRACE = 5.0
+# A client's unread commands and our unsent replies to it, each at most this much.
+CLIENT_BUFFER = 1 << 20
 
 
 class RunningService(Protocol):
@@ -90,9 +94,9 @@ class Pop3Proxy:
         try:
             for sock in make_listeners(listen_port, self.families, transparent=self.transparent):
                 try:
-                    server = await asyncio.start_server(
-                        functools.partial(self._accepted, int(sock.getsockname()[1])),
-                        sock=sock, limit=1 << 20)
+                    port_here = int(sock.getsockname()[1])
+                    server = await asyncio.get_running_loop().create_server(
+                        functools.partial(self._link, port_here), sock=sock)
                 except BaseException:
                     sock.close()
                     raise
@@ -103,38 +107,41 @@ class Pop3Proxy:
         logs.event("pop3_listening", addresses=[f"[{h}]:{p}" for h, p in self.addresses],
                    tls=self.config.tls, scanning=self.context.scanner is not None)
 
-    def _accepted(self, listen_port: int, reader: asyncio.StreamReader,
-                  writer: asyncio.StreamWriter) -> None:
-        """asyncio's callback for a new connection: classify it and start its session task."""
-        sock = writer.get_extra_info("socket")
+    def _link(self, listen_port: int) -> Link:
+        return Link(ClientReader(), CLIENT_BUFFER,
+                    on_made=functools.partial(self._accepted, listen_port))
+
+    def _accepted(self, listen_port: int, link: Link) -> None:
+        """A new connection: classify it and start its session task."""
+        transport = link.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
         set_nodelay(sock)
-        transport = writer.transport
-        if isinstance(transport, asyncio.Transport):
-            transport.set_write_buffer_limits(high=1 << 20)
+        transport.set_write_buffer_limits(high=CLIENT_BUFFER)
         ident = next(self._ids)
         try:
             info = connection_info(sock, listen_port)
         except OSError as exc:
             logs.warning("pop3_accept_failed", id=ident, error=str(exc))
-            writer.close()
+            transport.close()
             return
         destination = self.destination or (info.original_destination if info.intercepted
                                             else None)
         if destination is None:
             logs.warning("pop3_refused", id=ident, client=info.client[0],
                          reason="addressed to the proxy itself, not intercepted")
-            writer.write(err("[SYS/PERM] this is a transparent POP3 proxy; connect to your "
+            transport.write(err("[SYS/PERM] this is a transparent POP3 proxy; connect to your "
                              "mail server"))
-            writer.close()
+            transport.close()
             return
         client = info.client[0]
         if not self.gate.admit(client):
             logs.warning("pop3_refused", id=ident, client=client, reason="connection limit")
-            writer.write(err("[SYS/TEMP] too many connections, try again later"))
-            writer.close()
+            transport.write(err("[SYS/TEMP] too many connections, try again later"))
+            transport.close()
             return
         source = client if self.spoof_source else None
-        session = Pop3Session(self.context, ident, reader, writer, info, destination, source)
+        session = Pop3Session(self.context, ident, link, info, destination, source)
         task = self.context.spawn(session.run(), f"pop3-{ident}")
         task.add_done_callback(lambda _task: self.gate.release(client))
 

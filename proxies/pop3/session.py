@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import socket
 import ssl
 import time
@@ -54,10 +55,11 @@ from proxies.pop3.codec import (
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.errors import RemoteProtocolError, err
 from proxies.pop3.keepalive import Keepalive
+from proxies.pop3.link import Link
 from proxies.pop3.policy import decide
 from proxies.pop3.spool import Spool
 from proxies.scan.api import ContentScanner, ScanResult
-from proxies.transparent import Address, ConnectionInfo, open_onward
+from proxies.transparent import Address, ConnectionInfo, connect_socket
 
 __all__ = ["Pop3Session", "QuarantineStore", "SessionContext", "set_nodelay"]
 
@@ -143,21 +145,33 @@ def _sasl_user(mechanism: bytes, response: bytes, step: int) -> str | None:
 
 
 class Pop3Session:
-    def __init__(self, context: SessionContext, ident: int, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, info: ConnectionInfo, destination: Address,
-                 source: str | None) -> None:
+    def __init__(self, context: SessionContext, ident: int, client: Link, info: ConnectionInfo,
+                 destination: Address, source: str | None) -> None:
         self.context = context
         self.config = context.config
         self.ident = ident
         self.info = info
         self.destination = destination
         self.source = source
-        self.client_reader = reader
-        self.client_writer = writer
-        self.server_reader: asyncio.StreamReader | None = None
-        self.server_writer: asyncio.StreamWriter | None = None
-        self.client = ClientReader()
+        self.client_link = client
+        assert isinstance(client.reader, ClientReader)
+        self.client = client.reader
         self.server = ServerReader()
+        self.server_link = Link(self.server, CHUNK)
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        # The relay's fast path (see `_pump`): the coroutine waits in `_park` meanwhile.
+        self._parked: asyncio.Future[Command | SaslLine | Closed] | None = None
+        self._relaying: _Relaying | None = None
+        self._idle_since = loop.time()
+        self._server_active = 0.0
+        self._paused_since = 0.0
+        self._stalled = False  # the client's transport was full when the pump last looked
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at = 0.0
+        client.listener = self._pump
+        client.on_writable = self._client_writable
+        self.server_link.listener = self._pump
         self.state = states.SessionState.AUTHORIZATION
         self.client_tls = False
         self.server_tls = False
@@ -183,9 +197,8 @@ class Pop3Session:
             self.error = exc.reason
             if exc.reply is not None:
                 with contextlib.suppress(OSError, TimeoutError, ssl.SSLError, RuntimeError):
-                    self.client_writer.write(exc.reply)
-                    async with asyncio.timeout(5):
-                        await self.client_writer.drain()
+                    self.client_link.write(exc.reply)
+                    await self.client_link.drain(5)
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
         except asyncio.CancelledError:
@@ -204,24 +217,28 @@ class Pop3Session:
             logs.event("pop3_close", **fields)
 
     async def _close(self) -> None:
-        for writer in (self.server_writer, self.client_writer):
-            if writer is None:
+        self._disarm()
+        self.client_link.listener = self.server_link.listener = None
+        for link in (self.server_link, self.client_link):
+            if link.transport is None or link.lost:
                 continue
             with contextlib.suppress(Exception):
-                writer.close()
+                link.close()  # sends what is still buffered, then closes
+            deadline = self._loop.time() + 2
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await writer.wait_closed()
+                while not link.lost:
+                    await link.wait_data(deadline)
+            if not link.lost:
+                link.abort()
 
     # --- I/O helpers ----------------------------------------------------------------------------
 
     def _to_client(self, data: bytes) -> None:
-        self.client_writer.write(data)
+        self.client_link.write(data)
 
     async def _flush_client(self) -> None:
         try:
-            async with asyncio.timeout(self.config.client_timeout):
-                await self.client_writer.drain()
+            await self.client_link.drain(self.config.client_timeout)
         except TimeoutError:
             raise _Abort("the client stopped reading") from None
 
@@ -230,54 +247,31 @@ class Pop3Session:
         await self._flush_client()
 
     async def _send_server(self, data: bytes) -> None:
-        assert self.server_writer is not None
-        self.server_writer.write(data)
+        self.server_link.write(data)
         try:
-            async with asyncio.timeout(self.config.server_timeout):
-                await self.server_writer.drain()
+            await self.server_link.drain(self.config.server_timeout)
         except TimeoutError:
             raise _Abort("the server stopped reading", SERVER_SILENT) from None
         except OSError as exc:
             raise _Abort(f"writing to the server: {exc}", SERVER_GONE) from None
 
     async def _client_event(self) -> Command | SaslLine | Closed:
-        # RFC 1939 3's autologout timer runs from our last response, and a command that
-        # trickles in a byte every few seconds (slowloris) does not restart it: the whole
-        # command must arrive within client_timeout.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.client_timeout
-        while True:
-            try:
-                event = self.client.next_event()
-            except RemoteProtocolError as exc:
-                if exc.reply:
-                    await self._send_client(exc.reply)
-                    deadline = loop.time() + self.config.client_timeout
-                continue
-            if not isinstance(event, NeedData):
-                return event
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await self.client_reader.read(CHUNK)
-            except TimeoutError:
-                # RFC 1939 3: the autologout timer; no QUIT goes to the server, so nothing is
-                # deleted.
-                raise _Abort("client idle: autologout",
-                             err("[SYS/TEMP] autologout: idle for too long")) from None
-            except (ConnectionError, ssl.SSLError) as exc:
-                raise _Abort(f"client: {exc}") from None
-            self.client.receive_data(data)
-
-    async def _server_read(self, timeout_at: float) -> bytes:
-        assert self.server_reader is not None
+        """The next client event the coroutine must handle itself; plain commands met on
+        the way are relayed by `_pump` meanwhile."""
+        loop = self._loop
+        self._idle_since = loop.time()
+        parked: asyncio.Future[Command | SaslLine | Closed] = loop.create_future()
+        self._parked = parked
         try:
-            async with asyncio.timeout_at(timeout_at):
-                return await self.server_reader.read(CHUNK)
-        except (ConnectionError, ssl.SSLError) as exc:
-            raise _Abort(f"server: {exc}", SERVER_GONE) from None
+            self._pump()
+            self._arm()
+            return await parked
+        finally:
+            self._parked = None
+            self._disarm()
 
     async def _server_event(self, keepalive: _Held | None = None) -> ServerEvent:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while True:
             try:
                 event = self.server.next_event()
@@ -290,14 +284,13 @@ class Pop3Session:
                 wake = deadline if keepalive is None else min(deadline,
                                                               keepalive.keepalive.next_due)
                 try:
-                    data = await self._server_read(wake)
+                    await self.server_link.wait_data(wake)
                     break
                 except TimeoutError:
                     if loop.time() >= deadline:
                         raise _Abort("the server did not answer in time", SERVER_SILENT) from None
                     assert keepalive is not None
                     await self._keepalive_tick(keepalive)
-            self.server.receive_data(data)
 
     def _buffered_server_event(self) -> ServerEvent | None:
         """The next server event if it needs no I/O, else None."""
@@ -340,13 +333,20 @@ class Pop3Session:
 
     async def _session(self) -> None:
         try:
-            self.server_reader, self.server_writer = await open_onward(
-                self.destination, source=self.source, timeout=self.config.connect_timeout,
-                limit=CHUNK)
+            sock = await connect_socket(self.destination, source=self.source,
+                                        timeout=self.config.connect_timeout)
         except OSError as exc:
             raise _Abort(f"connecting to the server: {exc}",
                          err("[SYS/TEMP] cannot reach the mail server")) from None
-        set_nodelay(self.server_writer.get_extra_info("socket"))
+        set_nodelay(sock)
+        try:
+            await self._loop.create_connection(lambda: self.server_link, sock=sock)
+        except OSError as exc:
+            sock.close()
+            raise _Abort(f"connecting to the server: {exc}",
+                         err("[SYS/TEMP] cannot reach the mail server")) from None
+        assert self.server_link.transport is not None
+        self.server_link.transport.set_write_buffer_limits(high=CHUNK)
         greeting = await self._server_status()
         if not greeting.ok:
             await self._send_client(greeting.raw)
@@ -386,62 +386,203 @@ class Pop3Session:
             await self._auth(command)
         elif verb in ("RETR", "TOP") and self._scans(verb):
             await self._fetch(command)
+        elif verb == "CAPA":
+            await self._capa(command)
         else:
-            await self._relay(command)
+            self._start_relay(command)  # `_pump` relays the response
 
     def _scans(self, verb: str) -> bool:
         if self.context.scanner is None:
             return False
         return verb == "RETR" or self.config.scan_top
 
-    async def _relay(self, command: Command) -> None:
-        """Send the command on and the response back; learn what the cache key needs."""
-        status = await self._ask_server(command)
+    def _fast(self, command: Command) -> bool:
+        """May `_pump` relay this command on its own? Those `_command` would only relay: a
+        known verb, valid now, that the proxy neither answers nor steps into."""
+        verb = command.verb
+        return (verb in states.ALLOWED[self.state] and verb not in _SLOW_VERBS
+                and not (verb in ("RETR", "TOP") and self._scans(verb)))
+
+    def _pump(self) -> None:
+        """The relay's fast path, run from the links' callbacks while the coroutine waits in
+        `_client_event`: plain commands go to the server and their responses back to the
+        client as the bytes come, with no task switch (at 5 KB messages, the task switches
+        per command and per read cost more than the relaying). It takes the next command
+        only when the response before it is complete (RFC 2449 6.6: responses in order),
+        and stops at the first event the coroutine must handle, handing it over."""
+        parked = self._parked
+        if parked is None or parked.done():
+            return
+        try:
+            while True:
+                if self._relaying is not None:
+                    if not self._relay_response():
+                        return
+                    continue
+                if self.state is states.SessionState.CLOSED:
+                    parked.set_result(Closed())  # QUIT answered: the session is over
+                    return
+                if self.client_link.write_paused:
+                    self._client_stalled()
+                    return  # the client is not reading: no new command until it does
+                try:
+                    event = self.client.next_event()
+                except RemoteProtocolError as exc:
+                    if exc.reply:
+                        self._to_client(exc.reply)
+                        self._idle_since = self._loop.time()
+                    continue
+                if isinstance(event, NeedData):
+                    self.client_link.consumed()
+                    return
+                if isinstance(event, Command) and self._fast(event):
+                    self._start_relay(event)
+                    continue
+                parked.set_result(event)
+                return
+        except _Abort as exc:
+            parked.set_exception(exc)
+        except Exception as exc:  # a bug: the coroutine logs it and ends this session only
+            parked.set_exception(exc)
+
+    def _start_relay(self, command: Command) -> None:
+        self.server.expect(command)
+        self.server_link.write(command.raw)
+        self._relaying = _Relaying(command, learn=command.verb == "UIDL")
+        self._server_active = self._loop.time()
+        self._arm()
+
+    def _relay_response(self) -> bool:
+        """Relay what has come of the response; True once it is complete. One write to the
+        client per call: a small response leaves in one segment."""
+        relaying = self._relaying
+        assert relaying is not None
+        out: list[bytes] = []
+        done = False
+        try:
+            while True:
+                event = self.server.next_event()
+                if isinstance(event, NeedData):
+                    break
+                if isinstance(event, BodyData):
+                    out.append(event.data)
+                    if relaying.learn:
+                        lines = (relaying.tail + event.data).split(b"\n")
+                        relaying.tail = lines.pop()
+                        for line in lines:
+                            self._learn_uidls(line)
+                elif isinstance(event, BodyEnd):
+                    out.append(b".\r\n")
+                    done = True
+                    break
+                elif isinstance(event, Status):
+                    out.append(event.raw)
+                    self._relayed_status(relaying.command, event)
+                    if not (event.ok and self.server.state == "body"):
+                        done = True
+                        break
+                else:
+                    # After the status line all the client can get is a closed connection
+                    # (no final ".", so it knows the response is incomplete).
+                    raise _Abort("the server closed the connection",
+                                 None if relaying.started else SERVER_GONE)
+        except RemoteProtocolError as exc:
+            raise _Abort(exc.message, None if relaying.started or out
+                         else exc.reply or SERVER_INVALID) from None
+        if out:
+            self._to_client(b"".join(out))
+            relaying.started = True
+        self.server_link.consumed()
+        now = self._loop.time()
+        if done:
+            self._relaying = None
+            self._idle_since = now
+        else:
+            self._server_active = now
+            if self.client_link.write_paused:
+                # The client is slower than the server: the server waits in its socket.
+                self.server_link.pause_reading()
+                self._client_stalled()
+        return done
+
+    def _client_stalled(self) -> None:
+        if not self._stalled:
+            self._stalled = True
+            self._paused_since = self._loop.time()
+            self._arm()
+
+    def _client_writable(self) -> None:
+        self._stalled = False
+        self.server_link.resume_reading()
+        self._idle_since = self._server_active = self._loop.time()
+        self._pump()
+
+    def _relayed_status(self, command: Command, status: Status) -> None:
+        """What a relayed status line teaches: the session state, the user (the scan cache
+        key), a message's UIDL."""
         verb = command.verb
         self.state = states.next_state(self.state, verb, status.ok)
-        if status.ok:
-            if verb == "USER":
-                self._pending_user = command.argument.decode("utf-8", "replace").strip()
-            elif verb == "PASS":
-                self.user = self._pending_user
-            elif verb == "APOP" and command.arguments:
-                self.user = command.arguments[0].decode("utf-8", "replace")
-            elif verb == "UIDL" and len(command.arguments) == 1:
-                self._learn_uidls(status.text)
+        if not status.ok:
+            return
+        if verb == "USER":
+            self._pending_user = command.argument.decode("utf-8", "replace").strip()
+        elif verb == "PASS":
+            self.user = self._pending_user
+        elif verb == "APOP" and command.arguments:
+            self.user = command.arguments[0].decode("utf-8", "replace")
+        elif verb == "UIDL" and len(command.arguments) == 1:
+            self._learn_uidls(status.text)
+
+    # The deadlines while parked, checked by one timer that is moved only when a deadline
+    # comes earlier than it (not per command): RFC 1939 3's autologout from our last
+    # response (a command trickling in a byte at a time does not restart it), the server's
+    # silence during a response, and a client that stopped reading.
+
+    def _deadline(self) -> tuple[float, _Abort]:
+        if self._stalled:
+            return (self._paused_since + self.config.client_timeout,
+                    _Abort("the client stopped reading"))
+        if self._relaying is not None:
+            return (self._server_active + self.config.server_timeout,
+                    _Abort("the server did not answer in time",
+                           None if self._relaying.started else SERVER_SILENT))
+        return (self._idle_since + self.config.client_timeout,
+                _Abort("client idle: autologout",
+                       err("[SYS/TEMP] autologout: idle for too long")))
+
+    def _arm(self) -> None:
+        if self._parked is None:
+            return
+        deadline, _abort = self._deadline()
+        if self._wake is None or deadline < self._wake_at:
+            self._disarm()
+            self._wake_at = deadline
+            self._wake = self._loop.call_at(deadline, self._woken)
+
+    def _disarm(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+
+    def _woken(self) -> None:
+        self._wake = None
+        parked = self._parked
+        if parked is None or parked.done():
+            return
+        deadline, abort = self._deadline()
+        if self._loop.time() >= deadline:
+            parked.set_exception(abort)
+        else:
+            self._arm()
+
+    async def _capa(self, command: Command) -> None:
+        status = await self._ask_server(command)
+        self.state = states.next_state(self.state, command.verb, status.ok)
         if not (status.ok and self.server.state == "body"):
             await self._send_client(status.raw)
             return
-        if verb == "CAPA":
-            body = await self._server_body(MAX_CAPA_SIZE)
-            await self._send_client(multiline(status.raw, self._client_capabilities(body)))
-            return
-        # A multi-line response relayed as it comes (LIST, UIDL, unscanned RETR/TOP, ...).
-        # What is already buffered goes out in one write: a small response is one segment.
-        out = [status.raw]
-        learn = verb == "UIDL"
-        tail = b""
-        while True:
-            event = self._buffered_server_event()
-            if event is None:
-                self._to_client(b"".join(out))
-                out.clear()
-                await self._flush_client()
-                event = await self._server_event()
-            if isinstance(event, BodyData):
-                out.append(event.data)
-                if learn:
-                    lines = (tail + event.data).split(b"\n")
-                    tail = lines.pop()
-                    for line in lines:
-                        self._learn_uidls(line)
-            elif isinstance(event, BodyEnd):
-                out.append(b".\r\n")
-                await self._send_client(b"".join(out))
-                return
-            else:
-                # The status line has gone: all the client can get now is a closed connection
-                # (no final ".", so it knows the response is incomplete).
-                raise _Abort("the server closed the connection mid-response")
+        body = await self._server_body(MAX_CAPA_SIZE)
+        await self._send_client(multiline(status.raw, self._client_capabilities(body)))
 
     def _learn_uidls(self, line: bytes) -> None:
         parts = line.split()
@@ -483,11 +624,10 @@ class Pop3Session:
                          err("[SYS/TEMP] TLS with the mail server failed"))
         if self.server.take_buffer():
             raise _Abort("the server sent plaintext after STLS", SERVER_INVALID)
-        assert self.server_writer is not None
         try:
-            await self.server_writer.start_tls(
-                self.context.tls_client or ssl.create_default_context(),
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            await self.server_link.start_tls(
+                self.context.tls_client or ssl.create_default_context(), server_side=False,
+                timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise _Abort(f"TLS with the server failed: {exc}",
                          err("[SYS/TEMP] TLS with the mail server failed")) from None
@@ -506,60 +646,66 @@ class Pop3Session:
             await self._send_client(err("STLS not available" if not self.client_tls
                                         else "already using TLS"))
             return
-        if self.client.buffered or self._stream_buffered(self.client_reader):
+        if self.client.buffered:
             # RFC 2595 4: nothing may follow STLS before the handshake; plaintext that does
             # would be read as if it came over TLS (command injection).
             raise _Abort("the client sent data after STLS before the TLS handshake",
                          err("nothing may follow STLS before the TLS handshake"))
         await self._send_client(b"+OK Begin TLS negotiation now\r\n")
         try:
-            await self.client_writer.start_tls(self.context.tls_server,
-                                               ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            await self.client_link.start_tls(self.context.tls_server, server_side=True,
+                                             timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise _Abort(f"TLS with the client failed: {exc}") from None
         self.client_tls = True
 
-    @staticmethod
-    def _stream_buffered(reader: asyncio.StreamReader) -> int:
-        return len(getattr(reader, "_buffer", b""))
-
     async def _relay_encrypted(self) -> None:
-        """After a passed-through STLS: bytes both ways, unscanned, until both sides end."""
+        """After a passed-through STLS: bytes both ways, unscanned, until both sides end
+        (each FIN passed on, RFC 9293 3.6) or neither sends for client_timeout."""
         logs.warning("pop3_tls_passthrough", id=self.ident,
                      server=f"[{self.destination[0]}]:{self.destination[1]}",
                      detail="TLS relayed end to end: this session's mail is not scanned")
-        assert self.server_reader is not None and self.server_writer is not None
-        pumps = [
-            self.context.spawn(self._pump(self.client_reader, self.server_writer,
-                                          self.client.discard_buffer()),
-                               f"pop3-{self.ident}-tls-to-server"),
-            self.context.spawn(self._pump(self.server_reader, self.client_writer,
-                                          self.server.take_buffer()),
-                               f"pop3-{self.ident}-tls-to-client"),
-        ]
-        try:
-            done, _pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    self.error = f"passthrough: {task.exception()}"
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+        client, server = self.client_link, self.server_link
+        client.listener = server.listener = None
+        done = self._loop.create_future()
+        last = [self._loop.time()]
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    first: bytes) -> None:
-        if first:
-            writer.write(first)
-        while True:
-            async with asyncio.timeout(self.config.client_timeout):
-                data = await reader.read(CHUNK)
-                if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                writer.write(data)
-                await writer.drain()
+        def ended(side: Link, to: Link) -> None:
+            if to.transport is not None and not to.lost and to.transport.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    to.transport.write_eof()
+            if ((client.eof and server.eof) or client.lost or server.lost) and not done.done():
+                done.set_result(None)
+
+        def writable(side: Link, other: Link) -> None:
+            other.resume_reading()
+
+        # Flow control as in proxies.tcprelay: a side over its high-water mark stops the
+        # other's reading until it drains.
+        for side, other in ((client, server), (server, client)):
+            side.raw = functools.partial(self._forward_raw, other, side, last)
+            side.raw_eof = functools.partial(ended, side, other)
+            side.on_writable = functools.partial(writable, side, other)
+        server.write(self.client.discard_buffer())
+        client.write(self.server.take_buffer())
+        client.resume_reading()
+        server.resume_reading()
+        if client.eof:
+            ended(client, server)
+        if server.eof:
+            ended(server, client)
+        while not done.done():
+            remaining = last[0] + self.config.client_timeout - self._loop.time()
+            if remaining <= 0:
+                self.error = "passthrough: idle for too long"
+                return
+            await asyncio.wait({done}, timeout=remaining)
+
+    def _forward_raw(self, to: Link, source: Link, last: list[float], data: bytes) -> None:
+        last[0] = self._loop.time()
+        to.write(data)
+        if to.write_paused:
+            source.pause_reading()
 
     # --- AUTH -----------------------------------------------------------------------------------
 
@@ -632,6 +778,12 @@ class Pop3Session:
         while True:
             event = await self._server_event(held)
             if isinstance(event, BodyData):
+                if spool.size + len(event.data) > self.config.max_scan_size:
+                    # It will not be scanned whatever comes, so nothing more need wait, and
+                    # the spool (and the disk under it) never holds more than max_scan_size,
+                    # even if the response never ends, as a hostile server's may not.
+                    await self._oversize(command, held, spool, event.data, started)
+                    return
                 spool.write(event.data)
                 if header is None and spool.size - len(event.data) < rewrite.HEADER_LIMIT:
                     header = parse_header(spool.head(rewrite.HEADER_LIMIT), False)
@@ -650,8 +802,6 @@ class Pop3Session:
         quarantine_id = cached.quarantine_id if cached else None
         if cached is not None:
             result: ScanResult | None = cached.result
-        elif spool.size > self.config.max_scan_size:
-            result = None
         else:
             result = await self._scan(spool.getvalue(), held)
         outcome = decide(result, self.config)
@@ -709,7 +859,65 @@ class Pop3Session:
                                            hostname=self.context.hostname)]
         await self._deliver(held, pieces)
 
-    async def _deliver(self, held: _Held, pieces: Iterable[bytes]) -> None:
+    async def _oversize(self, command: Command, held: _Held, spool: Spool, pending: bytes,
+                        started: float) -> None:
+        """The message passed max_scan_size while it arrived: [pop3] oversize_action, now.
+
+        `pending`: the piece that did not fit. "pass": what is spooled and `pending` go to
+        the client and the rest is relayed as it comes, so
+        the proxy holds at most max_scan_size of it. "tempfail": -ERR [SYS/TEMP] (or, after
+        an early status line, a close without the final "."), and the session ends: the rest
+        of the response would have to be read to go on, and it may never end. The client
+        never sent QUIT, so the message stays on the server either way.
+        """
+        outcome = decide(None, self.config)
+        fields: dict[str, Any] = {
+            "id": self.ident, "command": command.loggable(), "verdict": "oversize",
+            "action": outcome, "cached": False, "spooled": spool.on_disk}
+        if outcome == "tempfail":
+            self.messages += 1
+            logs.event("pop3_message", size=spool.size + len(pending), **fields,
+                       seconds=round(asyncio.get_running_loop().time() - started, 3))
+            metrics.current.pop3_retrieval(outcome, "oversize")
+            raise _Abort("message too large to scan", err(
+                "[SYS/TEMP] message temporarily unavailable (message too large to scan), "
+                "try again later"))
+        size = spool.size + len(pending)
+        await self._deliver(held, _chain([], spool.chunks(), [pending]), end=False)
+        spool.close()
+        out: list[bytes] = []
+        buffered = 0
+        while True:
+            event = self._buffered_server_event()
+            if event is None:
+                if out:
+                    self._to_client(b"".join(out))
+                    out.clear()
+                    buffered = 0
+                    await self._flush_client()
+                event = await self._server_event()
+            if isinstance(event, BodyData):
+                size += len(event.data)
+                out.append(held.stuffer.send(event.data))
+                buffered += len(event.data)
+                if buffered >= CHUNK:
+                    self._to_client(b"".join(out))
+                    out.clear()
+                    buffered = 0
+                    await self._flush_client()
+            elif isinstance(event, BodyEnd):
+                break
+            else:
+                # The status line has gone: a close without the final "." is all that is left.
+                raise _Abort("the server closed the connection mid-message")
+        out.append(held.stuffer.end())
+        await self._send_client(b"".join(out))
+        self.messages += 1
+        logs.event("pop3_message", size=size, **fields,
+                   seconds=round(asyncio.get_running_loop().time() - started, 3))
+        metrics.current.pop3_retrieval(outcome, "oversize")
+
+    async def _deliver(self, held: _Held, pieces: Iterable[bytes], *, end: bool = True) -> None:
         out = [] if held.keepalive.status_sent else [held.status]
         skip = held.keepalive.sent  # sent early; every outcome starts with these bytes
         for piece in pieces:
@@ -722,8 +930,10 @@ class Pop3Session:
                     self._to_client(b"".join(out))
                     out.clear()
                     await self._flush_client()
-        out.append(held.stuffer.end())
+        if end:
+            out.append(held.stuffer.end())
         await self._send_client(b"".join(out))
+        held.keepalive.status_sent = True  # what follows is past any -ERR
 
     async def _keepalive_tick(self, held: _Held) -> None:
         step = held.keepalive.due(asyncio.get_running_loop().time())
@@ -778,6 +988,20 @@ class Pop3Session:
             raise _QuarantineFailed from exc
 
 
+# Commands `_pump` leaves to the coroutine (see `_command`).
+_SLOW_VERBS = frozenset({"STLS", "AUTH", "CAPA", "QUIT"})
+
+
+@dataclass
+class _Relaying:
+    """A relayed command whose response is on its way."""
+
+    command: Command
+    learn: bool  # a UIDL listing: remember the UIDLs (the scan cache key)
+    tail: bytes = b""  # a listing line not yet complete
+    started: bool = False  # some of the response has gone to the client
+
+
 class _QuarantineFailed(Exception):
     """The original of a message to be replaced could not be stored in the quarantine."""
 
@@ -806,6 +1030,6 @@ async def _scan_into(scanner: ContentScanner, content: bytes, box: _Box) -> None
         box.result = ScanResult("failed", reason=f"scanner error: {type(exc).__name__}")
 
 
-def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield from first
-    yield from rest
+def _chain(*parts: Iterable[bytes]) -> Iterator[bytes]:
+    for part in parts:
+        yield from part

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import logging
 import os
 import poplib
 import socket
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Awaitable, Callable
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from proxies.pop3 import service as service_module
 from proxies.pop3 import spool as spool_module
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.service import Pop3Proxy, SharedQuarantine
@@ -287,45 +290,163 @@ def test_scanner_failure_with_fail_mode_pass_adds_a_header() -> None:
     assert content.endswith(FAIL_MARKER + b"\r\n")
 
 
+class SpoolFiles:
+    """The spool's files, seen where they are made: each is created already unlinked, so it is
+    recorded with the folder it was made in and a second descriptor to read its size."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.made: list[tuple[str | None, int]] = []
+        monkeypatch.setattr(spool_module, "tempfile",
+                            types.SimpleNamespace(TemporaryFile=self._file))
+
+    def _file(self, *args: Any, **kwargs: Any) -> Any:
+        handle = tempfile.TemporaryFile(*args, **kwargs)  # noqa: SIM115 (the spool closes it)
+        self.made.append((kwargs.get("dir"), os.dup(handle.fileno())))
+        return handle
+
+    def folders(self) -> list[str | None]:
+        return [folder for folder, _fd in self.made]
+
+    def sizes(self) -> list[int]:
+        return [os.fstat(fd).st_size for _folder, fd in self.made]
+
+    def close(self) -> None:
+        for _folder, fd in self.made:
+            os.close(fd)
+
+
+def logged_messages(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "pop3_message"]
+
+
 def test_oversize_passes_unscanned_and_big_messages_spool_to_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A message over spool_threshold waits on disk to be scanned; one over max_scan_size is
+    relayed unscanned (oversize_action = "pass") once it passes the limit, so its spool never
+    holds more than max_scan_size (it used to hold the whole message: see the endless test
+    below for why it may not)."""
+    medium = message("medium", (b"y" * 998 + b"\r\n") * 90)  # about 90 KB
     big = message("big", (b"x" * 998 + b"\r\n") * 300)  # about 300 KB
     config = dataclasses.replace(CONFIG, spool_threshold=64 * 1024, max_scan_size=100 * 1024,
                                  spool_dir=tmp_path)
     scanner = PatternScanner()
-    # The spool's file is created already unlinked, so it is seen where it is made: each one
-    # is recorded with the folder it was made in and a second descriptor to read its size.
-    spooled: list[tuple[str | None, int]] = []
-
-    def recording_file(*args: Any, **kwargs: Any) -> Any:
-        handle = tempfile.TemporaryFile(*args, **kwargs)  # noqa: SIM115 (the spool closes it)
-        spooled.append((kwargs.get("dir"), os.dup(handle.fileno())))
-        return handle
-
-    monkeypatch.setattr(spool_module, "tempfile",
-                        types.SimpleNamespace(TemporaryFile=recording_file))
+    spooled = SpoolFiles(monkeypatch)
     caplog.set_level(logging.INFO, logger="mailgate")
 
-    def client(port: int) -> bytes:
+    def client(port: int) -> list[bytes]:
         pop = login(port)
-        content = retr(pop, 1)
+        contents = [retr(pop, 1), retr(pop, 2)]
         pop.quit()
-        return content
+        return contents
 
-    assert run(with_proxy([big], client, scanner=scanner, config=config)) == big
-    assert scanner.scans == 0
     try:
-        # One file, in spool_dir, that held the whole message (and nothing is left there).
-        assert [folder for folder, _fd in spooled] == [str(tmp_path)]
-        assert os.fstat(spooled[0][1]).st_size == len(big)
+        assert run(with_proxy([medium, big], client, scanner=scanner, config=config)) \
+            == [medium, big]
+        assert scanner.sizes == [len(medium)]  # the big one was never scanned
+        # The medium message's file, in spool_dir, held it whole; any file the big one made
+        # held no more than max_scan_size; nothing is left in the folder.
+        assert set(spooled.folders()) == {str(tmp_path)}
+        sizes = spooled.sizes()
+        assert sizes[0] == len(medium), sizes
+        assert all(size <= config.max_scan_size for size in sizes[1:]), sizes
         assert list(tmp_path.iterdir()) == []
     finally:
-        for _folder, fd in spooled:
-            os.close(fd)
-    [logged] = [getattr(r, "fields", {}) for r in caplog.records
-                if r.getMessage() == "pop3_message"]
-    assert logged["spooled"] is True and logged["size"] == len(big), logged
-    assert logged["verdict"] == "oversize", logged
+        spooled.close()
+    first, second = logged_messages(caplog)
+    assert first["spooled"] is True and first["verdict"] == "clean", first
+    assert second["size"] == len(big) and second["verdict"] == "oversize", second
+    assert second["action"] == "deliver", second
+
+
+def _endless_client(port: int, wanted: int) -> tuple[bytes, bytes]:
+    """RETR 1 from an endless server: the status line and the first `wanted` octets after it
+    (or whatever came before the proxy closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"USER bob\r\nPASS secret\r\n")
+        data = b""
+        while data.count(b"\r\n") < 3:
+            data += sock.recv(65536)
+        sock.sendall(b"RETR 1\r\n")
+        data = data.split(b"\r\n", 3)[3]
+        while b"\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        status, _, data = data.partition(b"\r\n")
+        while len(data) < wanted:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        return status, data
+
+
+@pytest.mark.parametrize("spool_threshold", [64 * 1024, 8 * 1024 * 1024],
+                         ids=["disk", "memory"])
+def test_an_endless_response_is_relayed_unscanned_with_a_bounded_spool(
+        spool_threshold: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A hostile server's RETR that never ends: past max_scan_size the proxy stops spooling and
+    relays it as it comes (oversize_action = "pass"), so disk and memory stay bounded however
+    long the client keeps reading."""
+    first = clean(1)
+    config = dataclasses.replace(CONFIG, spool_threshold=spool_threshold,
+                                 max_scan_size=256 * 1024, spool_dir=tmp_path)
+    scanner = PatternScanner()
+    spooled = SpoolFiles(monkeypatch)
+    caplog.set_level(logging.INFO, logger="mailgate")
+    wanted = 16 * 1024 * 1024  # 64 times max_scan_size
+
+    async def check(server: FakeServer, proxy: Pop3Proxy) -> None:
+        assert server.endless_sent >= wanted
+        server.stop_stalling.set()
+
+    try:
+        status, data = run(with_proxy([first], lambda port: _endless_client(port, wanted),
+                                      scanner=scanner, config=config, misbehave="endless",
+                                      check=check))
+        assert status == b"+OK %d octets" % len(first)
+        # Byte-identical as far as it went: the message, then the server's endless lines.
+        assert data.startswith(first.replace(b"\r\n.", b"\r\n..") + b"endless line")
+        assert len(data) >= wanted
+        assert scanner.scans == 0
+        assert all(size <= config.max_scan_size for size in spooled.sizes()), spooled.sizes()
+        assert len(spooled.made) <= 1
+    finally:
+        spooled.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_endless_response_under_oversize_tempfail_ends_the_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """oversize_action = "tempfail": -ERR [SYS/TEMP] once max_scan_size is passed, and the
+    session ends (the rest would have to be read to go on). No QUIT reaches the server, so
+    the message stays there."""
+    config = dataclasses.replace(CONFIG, spool_threshold=64 * 1024, max_scan_size=256 * 1024,
+                                 spool_dir=tmp_path, oversize_action="tempfail")
+    spooled = SpoolFiles(monkeypatch)
+    caplog.set_level(logging.INFO, logger="mailgate")
+    started = time.monotonic()
+
+    async def check(server: FakeServer, proxy: Pop3Proxy) -> None:
+        assert not any(c.upper().startswith(b"QUIT") for c in server.commands), server.commands
+        assert server.deleted == set()
+
+    try:
+        status, rest = run(with_proxy([clean(1)], lambda port: _endless_client(port, 1),
+                                      scanner=PatternScanner(), config=config,
+                                      misbehave="endless", check=check))
+        assert status == (b"-ERR [SYS/TEMP] message temporarily unavailable (message too "
+                          b"large to scan), try again later")
+        assert rest == b""  # and then the connection closed
+        assert time.monotonic() - started < 5
+        assert all(size <= config.max_scan_size for size in spooled.sizes()), spooled.sizes()
+    finally:
+        spooled.close()
+    [logged] = logged_messages(caplog)
+    assert logged["verdict"] == "oversize" and logged["action"] == "tempfail", logged
 
 
 def test_slow_scan_keeps_the_client_alive_and_stays_byte_identical() -> None:
@@ -458,3 +579,51 @@ def test_unreachable_server_gives_err() -> None:
             await proxy.stop(grace=1)
 
     assert run(scenario()) == b"-ERR [SYS/TEMP] cannot reach the mail server"
+
+
+def test_a_client_that_pipelines_without_reading_is_held_back_not_buffered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands pipelined by a client that does not read the answers: once the answers waiting
+    for it pass the client buffer (1 MiB; 64 KiB here, to keep the test short), the proxy
+    stops taking commands and so stops reading, and what the client can push in is bounded
+    by the socket buffers; when it reads, every answer comes, in order."""
+    monkeypatch.setattr(service_module, "CLIENT_BUFFER", 64 * 1024)
+    content = message("sixteen", (b"z" * 78 + b"\r\n") * 200)
+    status = b"+OK %d octets\r\n" % len(content)
+    # Long commands (the FakeServer ignores what follows the number) with long answers: the
+    # buffers fill with a few hundred of them, not a hundred thousand.
+    command = b"RETR 1 " + b"p" * 4000 + b"\r\n"
+    offered = 60 * 1024 * 1024
+
+    def client(port: int) -> tuple[int, int, int]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"USER bob\r\nPASS secret\r\n")
+            flood = command * 100
+            sent = 0
+            sock.settimeout(1.0)
+            with contextlib.suppress(TimeoutError):
+                while sent < offered:
+                    sent += sock.send(flood)
+            sock.settimeout(30)
+            commands = -(-sent // len(command))
+            data = bytearray()
+
+            def read_all() -> None:
+                while not data.endswith(b"+OK bye\r\n"):
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        break
+                    data.extend(chunk)
+
+            # Now read, and (meanwhile: the proxy reads on only as the answers leave) finish
+            # the last command and quit.
+            reader = threading.Thread(target=read_all)
+            reader.start()
+            sock.sendall(command[sent % len(command):] + b"QUIT\r\n" if sent % len(command)
+                         else b"QUIT\r\n")
+            reader.join(30)
+            return sent, commands, bytes(data).count(status + content)
+
+    sent, commands, answered = run(with_proxy([content], client))
+    assert sent < offered // 4, sent  # held back: nowhere near what was offered
+    assert answered == commands, (answered, commands)  # each answered, whole, in order

@@ -119,7 +119,8 @@ class FakeServer:
 
     `misbehave`: None, "garbage" (answers RETR with junk), "close-mid" (closes halfway through
     a RETR), "stall" (never finishes a RETR), "slow-body" (sends RETR content in pieces with
-    `delay` between them).
+    `delay` between them), "endless" (the message, then more lines of content for as long as
+    the reader takes them: a RETR response that never ends; `endless_sent` counts its octets).
     """
 
     messages: list[bytes]
@@ -131,6 +132,7 @@ class FakeServer:
     commands: list[bytes] = field(default_factory=list)
     server: asyncio.Server | None = None
     stop_stalling: asyncio.Event = field(default_factory=asyncio.Event)
+    endless_sent: int = 0
 
     @property
     def port(self) -> int:
@@ -241,6 +243,14 @@ class FakeServer:
             writer.write(stuffed[: len(stuffed) // 2])
             await writer.drain()
             await self.stop_stalling.wait()
+            return
+        if self.misbehave == "endless":
+            writer.write(stuffed)
+            piece = b"endless line of content, never followed by the final dot\r\n" * 1000
+            while not (self.stop_stalling.is_set() or writer.transport.is_closing()):
+                writer.write(piece)
+                self.endless_sent += len(piece)
+                await writer.drain()
             return
         if self.misbehave == "slow-body":
             step = max(1, len(stuffed) // 4)
