@@ -5,7 +5,9 @@ A file name is judged by its last extension, after removing what Windows ignores
 reader may hide (trailing dots and spaces, Unicode format characters such as the
 right-to-left override), so `invoice.pdf.exe`, `invoice.exe.` and `photo\u202egpj.exe` are all
 `exe`. Zip archives (by name or type) have their member names checked the same way, two levels
-deep; clamd finds viruses inside archives by itself, but does not tell member names.
+deep; clamd finds viruses inside archives by itself, but does not tell member names. A
+message whose MIME structure the parser cannot make sense of is a hit ("unparsable MIME
+structure"), handled as a banned attachment: what the rules cannot see into, they refuse.
 """
 
 from __future__ import annotations
@@ -78,8 +80,15 @@ class ContentRules:
     def check(self, content: bytes) -> RuleHit | None:
         if not self.active:
             return None
-        message = email.message_from_bytes(content, policy=email.policy.compat32)
-        return self._headers(message) or self._parts(message)
+        try:
+            message = email.message_from_bytes(content, policy=email.policy.compat32)
+            return self._headers(message) or self._parts(message)
+        except (TypeError, ValueError, LookupError) as exc:
+            # The stdlib gives up on some parameter lists while it parses (RFC 2231
+            # continuations numbered and not, on a multipart type: it sorts None with ints
+            # to find the boundary). The rules cannot look inside what cannot be parsed, and
+            # a sender would hide a banned attachment there: it counts as banned.
+            return RuleHit(f"unparsable MIME structure ({type(exc).__name__})")
 
     def _headers(self, message: email.message.Message) -> RuleHit | None:
         for rule in self.policy.header_rules:

@@ -34,6 +34,16 @@ def test_a_banned_extension_is_found() -> None:
     assert hit.result().verdict == "banned"
 
 
+def test_a_mime_structure_the_parser_gives_up_on_is_refused_like_a_banned_attachment() -> None:
+    """Found by bench.fuzz: the stdlib raised TypeError while parsing a multipart type with
+    RFC 2231 continuations numbered and not; an attachment could hide behind it."""
+    content = (b"Content-Type: multipart/mixed; boundary*=\"\"; boundary*1=b\r\n\r\n"
+               b"--b\r\nContent-Disposition: attachment; filename=setup.exe\r\n\r\nMZ\r\n--b--\r\n")
+    hit = ContentRules(BANNED).check(content)
+    assert hit is not None and hit.reason == "unparsable MIME structure (TypeError)"
+    assert hit.action is None and hit.result().verdict == "banned"
+
+
 def test_a_double_extension_is_named() -> None:
     hit = ContentRules(BANNED).check(with_attachments(("invoice.pdf.exe", b"MZ",
                                                        "application/pdf")))
