@@ -266,6 +266,11 @@ class ClientSession:
         self._outcome = None
         self._move(_State.RSET)
         self._command("RSET", _RSET)
+        if "PIPELINING" in self.extensions and self._policy_refusal() is None:
+            # RFC 2920 3.1: RSET may lead a group (only EHLO, DATA, VRFY, EXPN, TURN, QUIT
+            # and NOOP must end one), so the envelope goes with it: one write and one round
+            # trip fewer per message on a cached connection. _on_rset only checks the reply.
+            self._send_envelope()
 
     def quit(self) -> None:
         """Queue QUIT for a kept-open session that will carry no more transactions."""
@@ -494,7 +499,8 @@ class ClientSession:
 
     def _on_rset(self, reply: Reply) -> ClientEvent | None:
         if reply.code // 100 == 2:
-            return self._start_transaction()
+            # Pipelined, the envelope is already on its way (next_transaction).
+            return self._start_transaction() if self._state is _State.RSET else None
         if reply.is_transient or reply.is_permanent:
             # A cached connection the server no longer wants: the message is not at fault.
             return self._fail(reply.as_transient(), _RSET, quit=reply.code != 421)
@@ -502,23 +508,30 @@ class ClientSession:
 
     def _start_transaction(self) -> ClientEvent | None:
         self._hello_done = True
+        refusal = self._policy_refusal()
+        if refusal is not None:
+            return self._fail(refusal, "policy")
+        self._send_envelope()
+        return None
+
+    def _policy_refusal(self) -> Reply | None:
+        """Why this message cannot go to this server at all, from its EHLO keywords."""
         extensions = self.extensions
         if self.smtputf8 and "SMTPUTF8" not in extensions:
-            return self._fail(
-                Reply(550, "5.6.7", "SMTPUTF8 is required, but was not offered by the server"),
-                "policy")
+            return Reply(550, "5.6.7", "SMTPUTF8 is required, but was not offered by the server")
         if self.eight_bit and self.strict_8bitmime and "8BITMIME" not in extensions:
-            return self._fail(
-                Reply(554, "5.6.3", "8-bit content, but the server does not offer 8BITMIME"),
-                "policy")
+            return Reply(554, "5.6.3", "8-bit content, but the server does not offer 8BITMIME")
+        # RFC 1870 4: "SIZE" alone or "SIZE 0" means no fixed limit.
+        limit = extensions.get("SIZE", "")
+        if limit.isdigit() and 0 < int(limit) < self.size:
+            return Reply(552, "5.3.4", f"message size {self.size} exceeds the size limit "
+                                       f"{int(limit)} of the server")
+        return None
+
+    def _send_envelope(self) -> None:
+        extensions = self.extensions
         params = []
         if "SIZE" in extensions:
-            # RFC 1870 4: "SIZE" alone or "SIZE 0" means no fixed limit.
-            limit = extensions["SIZE"]
-            if limit.isdigit() and 0 < int(limit) < self.size:
-                return self._fail(
-                    Reply(552, "5.3.4", f"message size {self.size} exceeds the size limit "
-                                        f"{int(limit)} of the server"), "policy")
             params.append(f"SIZE={self.size}")
         if self.eight_bit and "8BITMIME" in extensions:
             params.append("BODY=8BITMIME")
@@ -532,7 +545,6 @@ class ClientSession:
             for recipient in self.recipients:
                 self._command(f"RCPT TO:<{recipient}>", _RCPT, recipient)
             self._command("DATA", _DATA)
-        return None
 
     def _on_mail(self, reply: Reply) -> ClientEvent | None:
         if reply.code // 100 == 2:

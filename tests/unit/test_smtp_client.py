@@ -480,15 +480,17 @@ def kept_open_after_one(**options: Any) -> ClientSession:
 
 
 def test_keep_open_second_transaction_after_rset() -> None:
+    """With PIPELINING the RSET leads the next envelope's group (RFC 2920 3.1): one write
+    and one round trip, not two."""
     session = kept_open_after_one()
     session.next_transaction("dave@src.example", [CAROL], 4, eight_bit=False, smtputf8=False)
     assert not session.reusable
     second = R(250, "2.0.0", "Ok: queued as 2")
     run(session, [
-        ("E", NEED_DATA), ("C", b"RSET\r\n"), ("S", b"250 2.0.0 Ok\r\n"), ("E", NEED_DATA),
-        ("C", b"MAIL FROM:<dave@src.example> SIZE=4\r\nRCPT TO:<carol@dst.example>\r\n"
+        ("E", NEED_DATA),
+        ("C", b"RSET\r\nMAIL FROM:<dave@src.example> SIZE=4\r\nRCPT TO:<carol@dst.example>\r\n"
               b"DATA\r\n"),
-        ("S", b"250 Ok\r\n250 Ok\r\n354 go\r\n"), ("E", ReadyForContent()),
+        ("S", b"250 2.0.0 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n"), ("E", ReadyForContent()),
         ("CONTENT", b"body", True), ("C", b"body\r\n.\r\n"),
         ("S", b"250 2.0.0 Ok: queued as 2\r\n"),
         ("E", finished({CAROL: second}, second)), ("C", b""),
@@ -501,15 +503,34 @@ def test_keep_open_second_transaction_after_rset() -> None:
         session.next_transaction("a@b.example", [BOB], 1, eight_bit=False, smtputf8=False)
 
 
+def test_keep_open_without_pipelining_waits_for_the_rset_reply() -> None:
+    session = Session(recipients=[BOB], options={"keep_open": True}).make()
+    run(session, [
+        ("S", GREETING), ("E", NEED_DATA), ("C", C_EHLO), ("S", EHLO_PLAIN), ("E", NEED_DATA),
+        ("C", b"MAIL FROM:<alice@src.example> SIZE=33\r\n"), ("S", b"250 Ok\r\n"),
+        ("E", NEED_DATA), ("C", b"RCPT TO:<bob@dst.example>\r\n"), ("S", b"250 Ok\r\n"),
+        ("E", NEED_DATA), ("C", b"DATA\r\n"), ("S", b"354 go\r\n"), ("E", ReadyForContent()),
+        ("CONTENT", CONTENT, True), ("C", WIRE_CONTENT), ("S", b"250 2.0.0 Ok: queued as 1\r\n"),
+        ("E", finished({BOB: QUEUED}, QUEUED)), ("C", b""),
+    ])
+    session.next_transaction("dave@src.example", [CAROL], 4, eight_bit=False, smtputf8=False)
+    run(session, [
+        ("E", NEED_DATA), ("C", b"RSET\r\n"), ("S", b"250 2.0.0 Ok\r\n"), ("E", NEED_DATA),
+        ("C", b"MAIL FROM:<dave@src.example> SIZE=4\r\n"),
+    ])
+
+
 @pytest.mark.parametrize(("reply", "expected", "quit"), [
     (b"421 4.3.2 closing\r\n", Failed(R(421, "4.3.2", "closing"), "rset"), b""),
     (b"554 5.5.0 no\r\n", Failed(R(454, "4.5.0", "no"), "rset"), QUIT),
 ])
 def test_keep_open_rset_refused(reply: bytes, expected: Failed, quit: bytes) -> None:
-    # The message is not at fault: a refused RSET is a transient failure of the connection.
+    # The message is not at fault: a refused RSET is a transient failure of the connection
+    # (the driver retries on a new one), whatever the pipelined envelope behind it got.
     session = kept_open_after_one()
     session.next_transaction("a@b.example", [BOB], 1, eight_bit=False, smtputf8=False)
-    run(session, [("C", b"RSET\r\n"), ("S", reply), ("E", expected), ("C", quit)])
+    run(session, [("C", b"RSET\r\nMAIL FROM:<a@b.example> SIZE=1\r\nRCPT TO:<bob@dst.example>"
+                        b"\r\nDATA\r\n"), ("S", reply), ("E", expected), ("C", quit)])
     assert not session.reusable
 
 
