@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"PROBLEM: {problem}")
         print("everything held" if not problems else f"{len(problems)} problems")
+    if problems:
+        print(f"bench.abuse: logs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 1 if problems else 0
 
 

@@ -17,6 +17,7 @@ Needs root; everything lives in namespaces that are removed at the end.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         direct_sink.stop()
         sink.stop()
         run_in_namespace(lab.gateway.netns, "teardown", config, workdir / "state.json")
+    # Kept when something failed (the logs say why); a run that worked leaves nothing.
+    shutil.rmtree(workdir, ignore_errors=True)
     print()
     for size in sizes if not args.only else []:
         by_name = {r[0]: r for r in rows if r[1] == size}
