@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="mailgate's log level (default info)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    if args.sessions < 1 or args.duration <= 0 or args.workers < 1:
-        parser.error("--sessions, --duration and --workers must be positive")
+    if args.duration <= 0 or args.workers < 1:
+        parser.error("--duration and --workers must be positive")
+    if args.sessions < 100:
+        # The checks it shares with tests/lab/test_abuse.py expect that many mutated sessions.
+        parser.error("--sessions must be at least 100")
 
     workdir = Path(tempfile.mkdtemp(prefix="mailgate-abuse-"))
     workdir.chmod(0o755)  # Dovecot's and smtp-sink's users must reach their folders
