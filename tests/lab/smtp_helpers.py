@@ -23,10 +23,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from netsetup.lab.peers._common import connect, in_netns, wait_until
 from netsetup.lab.topology import Host, Lab
@@ -221,6 +221,33 @@ class Gateway:
 
 
 _LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def kill_gateways(gateways: list[Gateway]) -> None:
+    """Every `mailgate run` of `gateways` a test left running, killed; the list emptied."""
+    for gateway in gateways:
+        if gateway.process is not None and gateway.process.poll() is None:
+            gateway.kill()
+    gateways.clear()
+
+
+class _LabEnv(Protocol):
+    base: Path
+
+    def cleanup(self) -> None: ...
+
+
+_Env = TypeVar("_Env", bound=_LabEnv)
+
+
+def per_test(lab_env: _Env, tmp_path: Path) -> Iterator[_Env]:
+    """A module's lab for one test (the body of its `env` fixture): the test's files under its
+    own tmp_path, and what it started stopped after it, whether it passed or not."""
+    lab_env.base = tmp_path
+    try:
+        yield lab_env
+    finally:
+        lab_env.cleanup()
 
 
 def parse_logfmt(line: str) -> dict[str, str]:

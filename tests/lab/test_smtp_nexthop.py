@@ -35,7 +35,9 @@ from tests.lab.smtp_helpers import (
     SENDER_DOMAIN,
     SMTP_LISTEN,
     Gateway,
+    kill_gateways,
     message,
+    per_test,
     qid_of,
     smtp_client,
 )
@@ -100,10 +102,7 @@ class Env:
         return gateway.start()
 
     def cleanup(self) -> None:
-        for gateway in self.gateways:
-            if gateway.process is not None and gateway.process.poll() is None:
-                gateway.kill()
-        self.gateways.clear()
+        kill_gateways(self.gateways)
         for undo in reversed(self.restore):
             undo()
         self.restore.clear()
@@ -136,11 +135,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture
 def env(lab_env: Env, tmp_path: Path) -> Iterator[Env]:
-    lab_env.base = tmp_path
-    try:
-        yield lab_env
-    finally:
-        lab_env.cleanup()
+    yield from per_test(lab_env, tmp_path)
 
 
 def send(env: Env, rcpt: str, subject: str) -> str:

@@ -28,7 +28,9 @@ from tests.lab.smtp_helpers import (
     GATEWAY_HOSTNAME,
     SENDER_DOMAIN,
     Gateway,
+    kill_gateways,
     message,
+    per_test,
     qid_of,
     sender_address,
     server_address,
@@ -68,10 +70,7 @@ class Env:
         return instance
 
     def cleanup(self) -> None:
-        for gateway in self.gateways:
-            if gateway.process is not None and gateway.process.poll() is None:
-                gateway.kill()
-        self.gateways.clear()
+        kill_gateways(self.gateways)
         for stop in self.peers:
             stop()
         self.peers.clear()
@@ -96,11 +95,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture
 def env(lab_env: Env, tmp_path: Path) -> Iterator[Env]:
-    lab_env.base = tmp_path
-    try:
-        yield lab_env
-    finally:
-        lab_env.cleanup()
+    yield from per_test(lab_env, tmp_path)
 
 
 def dsns(sender: PostfixInstance, before: int) -> list[Delivery]:

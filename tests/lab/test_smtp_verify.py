@@ -25,7 +25,9 @@ from tests.lab.smtp_helpers import (
     SENDER_DOMAIN,
     Gateway,
     TomlValue,
+    kill_gateways,
     message,
+    per_test,
     qid_of,
     sender_address,
     server_address,
@@ -48,6 +50,11 @@ class Env:
         gateway.write_config(**smtp)
         self.gateways.append(gateway)
         return gateway.start()
+
+    def cleanup(self) -> None:
+        kill_gateways(self.gateways)
+        if self.receiver.process is None:  # a test stopped it to play "server down"
+            self.receiver.start()
 
     def client(self) -> smtplib.SMTP:
         client = smtp_client(self.lab.sender, server_address(self.lab))
@@ -87,16 +94,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture
 def env(lab_env: Env, tmp_path: Path) -> Iterator[Env]:
-    lab_env.base = tmp_path
-    try:
-        yield lab_env
-    finally:
-        for gateway in lab_env.gateways:
-            if gateway.process is not None and gateway.process.poll() is None:
-                gateway.kill()
-        lab_env.gateways.clear()
-        if lab_env.receiver.process is None:
-            lab_env.receiver.start()
+    yield from per_test(lab_env, tmp_path)
 
 
 def test_unknown_refused_at_rcpt_known_delivered_second_rcpt_from_the_cache(env: Env) -> None:

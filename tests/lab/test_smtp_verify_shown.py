@@ -25,7 +25,9 @@ from tests.lab.smtp_helpers import (
     SENDER_DOMAIN,
     Gateway,
     TomlValue,
+    kill_gateways,
     message,
+    per_test,
     qid_of,
     sender_address,
     server_address,
@@ -48,6 +50,9 @@ class Env:
         gateway.write_config(**smtp)
         self.gateways.append(gateway)
         return gateway.start()
+
+    def cleanup(self) -> None:
+        kill_gateways(self.gateways)
 
     def send(self, rcpts: list[str], *, family: int = 4,
              sender: str = f"vera@{SENDER_DOMAIN}") -> str:
@@ -87,14 +92,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture
 def env(lab_env: Env, tmp_path: Path) -> Iterator[Env]:
-    lab_env.base = tmp_path
-    try:
-        yield lab_env
-    finally:
-        for gateway in lab_env.gateways:
-            if gateway.process is not None and gateway.process.poll() is None:
-                gateway.kill()
-        lab_env.gateways.clear()
+    yield from per_test(lab_env, tmp_path)
 
 
 def shown(gateway: Gateway) -> dict[str, dict[str, str | None]]:

@@ -35,6 +35,7 @@ from tests.lab.smtp_helpers import (
     Gateway,
     RawSmtp,
     message,
+    per_test,
     qid_of,
     server_address,
     smtp_client,
@@ -96,11 +97,7 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture
 def env(lab_env: Env, tmp_path: Path) -> Iterator[Env]:
-    lab_env.base = tmp_path
-    try:
-        yield lab_env
-    finally:
-        lab_env.cleanup()
+    yield from per_test(lab_env, tmp_path)
 
 
 def master_pid(gateway: Gateway) -> list[int]:
