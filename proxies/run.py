@@ -428,10 +428,9 @@ async def serve_acceptor(config: Config, notify_fd: int, gate: Gate,
         tell_master(f"{record.queue_id} {record.segment} {record.offset} {record.length}")
 
     # The queue tells of each message once it is durable (even if its client is gone by
-    # then); only messages written as files of their own go by the handler's hook.
+    # then), so the handler's own hook is not needed.
     queue.on_durable = durable
-    handler = GatewayHandler(config.smtp, queue, build_filter(config.scan),
-                             on_queued=None if queue.use_journal else tell_master,
+    handler = GatewayHandler(config.smtp, queue, build_filter(config.scan), on_queued=None,
                              verifier=_verifier(config))
     front = make_front_end(config, handler, _server_tls(config), gate)
     await _start_front(front, config)

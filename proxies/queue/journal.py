@@ -339,9 +339,11 @@ class JournalReader:
                 assert writer is not None
                 if name in self._segments or name in exclude:
                     continue
-                if writer_alive(writer[0]) and time.monotonic() < deadline:
+                if not writer_alive(writer[0]):
+                    result.append(name)
+                elif time.monotonic() < deadline:
                     alive = True
-                elif not writer_alive(writer[0]) or wait:
+                elif wait:  # waited long enough: a writer that lives on is taken as stuck
                     result.append(name)
             if not alive:
                 return result

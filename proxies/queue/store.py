@@ -523,7 +523,9 @@ class Queue:
             self._discard(tmp)
 
     def _journal_entries(self) -> dict[str, journal.Record]:
-        return {r.queue_id: r for r in journal.waiting_records(self._journal_dir)}
+        # Headers only (no CRC pass over every segment at each look, _settle polls this):
+        # whoever reads a record's payload parses it, and a queue file proves itself.
+        return {r.queue_id: r for r in journal.waiting_records(self._journal_dir, check=False)}
 
     def _settle(self, queue_id: str) -> None:
         """Before the CLI moves or removes a message: if it still waits in the journal, have
