@@ -17,6 +17,7 @@ import json
 import mailbox
 import os
 import poplib
+import shlex
 import shutil
 import signal
 import socket
@@ -271,7 +272,17 @@ def _run_in_sender(gateway: Gateway, argv: list[str], env: dict[str, str],
                    timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     process = gateway.lab.spawn(gateway.lab.sender, argv, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
-    out, _ = process.communicate(timeout=timeout)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        # What the client printed and what the proxy logged meanwhile tell which side hung.
+        events = gateway.log.settle(0.2)[-30:] if gateway.log is not None else []
+        raise AssertionError(
+            f"{shlex.join(argv)} did not finish within {timeout:g} s; its output:\n"
+            f"{out.decode(errors='replace')}\nthe proxy's last events:\n"
+            + "\n".join(json.dumps(e) for e in events)) from None
     return subprocess.CompletedProcess(argv, process.returncode, out)
 
 

@@ -200,8 +200,9 @@ def test_greylisting_tempfails_first_and_a_real_postfix_retry_is_delivered(
             content = message("alice@sender.example", "greylisted")
             started = time.monotonic()
             postfix.send("alice@sender.example", ["bob@example.com"], content)
-            delivered = gateway.sink.wait_for_messages(gateway.seen + 1,
-                                                       timeout=GREYLIST_DELAY + 20)
+            delivered = gateway.sink.wait_for_messages(
+                gateway.seen + 1, timeout=GREYLIST_DELAY + 20,
+                logs=(postfix.log_path, run.log, setup.greylisting.log_path))
             seconds = time.monotonic() - started
             postfix.wait_queue_empty()
             log = postfix.log()

@@ -95,11 +95,13 @@ class SmtpSink:
     def messages(self) -> list[SinkMessage]:
         return [SinkMessage.parse(raw) for raw in self.dumps()]
 
-    def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[SinkMessage]:
+    def wait_for_messages(self, count: int, timeout: float = 10.0,
+                          logs: tuple[Path | None, ...] = ()) -> list[SinkMessage]:
         """Wait until `count` dump files exist. smtp-sink writes a dump while the transaction
-        runs, so call this once the client has had its reply to the final '.'."""
+        runs, so call this once the client has had its reply to the final '.'. `logs`: the
+        other parties' logs, whose tails a failure shows with smtp-sink's."""
         wait_until(lambda: len(self.dumps()) >= count, f"{count} smtp-sink dump(s)", timeout,
-                   self.process, (self.log_path,))
+                   self.process, (self.log_path, *logs))
         return self.messages()
 
     def counted(self) -> int:
