@@ -201,7 +201,7 @@ def test_greylisting_tempfails_first_and_a_real_postfix_retry_is_delivered(
             started = time.monotonic()
             postfix.send("alice@sender.example", ["bob@example.com"], content)
             delivered = gateway.sink.wait_for_messages(
-                gateway.seen + 1, timeout=GREYLIST_DELAY + 20,
+                gateway.seen + 1, timeout=GREYLIST_DELAY + 40,
                 logs=(postfix.log_path, run.log, setup.greylisting.log_path))
             seconds = time.monotonic() - started
             postfix.wait_queue_empty()
