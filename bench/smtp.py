@@ -1,6 +1,6 @@
 """SMTP throughput, side by side in one run: direct, through a Postfix relay, through mailgate.
 
-    python -m bench.smtp [--count 2000] [--sessions 20] [--sizes 10240,102400]
+    python -m bench.smtp [--count 2000] [--sessions 20] [--sizes 10240,102400] [--rounds 5]
 
 In one router-mode lab (sender 192.0.2.10, gateway, server 198.51.100.25):
   (a) smtp-source in the sender -> smtp-sink in the server, the gateway only routing;
@@ -167,11 +167,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="smtp.workers for mailgate (0: as many as CPUs)")
     parser.add_argument("--log-level", default="warning", help="mailgate's log level")
     parser.add_argument("--only", help="run only this path: direct, postfix, mailgate")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the paths this many times, alternating, and report the "
+                        "median of the rounds' ratios (Postfix's own rate varies by a third "
+                        "between runs here, so one round's ratio is a noisy figure)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     sizes = [int(s) for s in args.sizes.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
     workdir.chmod(0o755)
-    rows: list[tuple[str, int, float, float, float, float]] = []
+    rows: list[tuple[str, int, float, float, float, float, int]] = []
     with Lab("router") as lab:
         server_ip = lab.server.ipv4
         gateway_ip = lab.gateway_address("sender")
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         # Direct: the interception rules only take port 25, so the sink listens on 2525 too.
         direct_sink = SmtpSink.start(lab, lab.server, workdir / "sink2525", port=2525,
                                      backlog=1024)
-        for size in sizes:
+        for size, round_no in ((size, r) for size in sizes for r in range(args.rounds)):
             for name, target, port in (("direct", server_ip, 2525),
                                        ("postfix relay", gateway_ip, 25),
                                        ("mailgate", server_ip, 25)):
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 1e6 * (after[part] - before[part]) / args.count
                 p50, p99 = latency(lab, lab.sender, target, port, min(400, args.count),
                                    args.sessions, size)
-                rows.append((name, size, run.rate, delivered, p50, p99))
+                rows.append((name, size, run.rate, delivered, p50, p99, round_no))
                 print(f"{name:14} {size // 1024:4d} KiB  accepted {run.rate:7.0f}/s  "
                       f"delivered {delivered:7.0f}/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms"
                       + (f"  cpu {cpu_us:6.0f} us/msg" if group else "")
@@ -237,10 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     print()
     for size in sizes if not args.only else []:
-        by_name = {r[0]: r for r in rows if r[1] == size}
-        mg, pf, direct = by_name["mailgate"], by_name["postfix relay"], by_name["direct"]
-        print(f"{size // 1024} KiB: mailgate/postfix accepted {mg[2] / pf[2]:.2f}x, "
-              f"delivered {mg[3] / pf[3]:.2f}x; mailgate/direct accepted {mg[2] / direct[2]:.2f}x")
+        accepted, delivered_ratios, direct_ratios = [], [], []
+        for round_no in range(args.rounds):
+            by_name = {r[0]: r for r in rows if r[1] == size and r[6] == round_no}
+            mg, pf, direct = by_name["mailgate"], by_name["postfix relay"], by_name["direct"]
+            accepted.append(mg[2] / pf[2])
+            delivered_ratios.append(mg[3] / pf[3])
+            direct_ratios.append(mg[2] / direct[2])
+        label = f"{size // 1024} KiB:" if args.rounds == 1 else \
+            f"{size // 1024} KiB, median of {args.rounds} rounds:"
+        print(f"{label} mailgate/postfix accepted {statistics.median(accepted):.2f}x, "
+              f"delivered {statistics.median(delivered_ratios):.2f}x; mailgate/direct "
+              f"accepted {statistics.median(direct_ratios):.2f}x")
+        if args.rounds > 1:
+            print("    delivered ratio per round: "
+                  + ", ".join(f"{r:.2f}" for r in delivered_ratios))
     return 0
 
 

@@ -120,7 +120,8 @@ class Pop3Proxy:
         transport.set_write_buffer_limits(high=CLIENT_BUFFER)
         ident = next(self._ids)
         try:
-            info = connection_info(sock, listen_port)
+            info = connection_info(sock, listen_port, transport.get_extra_info("sockname"),
+                                   transport.get_extra_info("peername"))
         except OSError as exc:
             logs.warning("pop3_accept_failed", id=ident, error=str(exc))
             transport.close()

@@ -165,7 +165,9 @@ class SmtpConnection(asyncio.Protocol):
         sock: socket.socket = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
         self.client = ClientInfo(plain_ip(peer[0]), peer[1],
-                                 original_destination(sock, self.config.listen_port),
+                                 original_destination(sock, self.config.listen_port,
+                                                      transport.get_extra_info("sockname"),
+                                                      peer),
                                  self.connection_id)
         if not self.front.gate.admit(self.client.client_address):
             logs.warning("smtp_connection_refused", conn=self.connection_id,
