@@ -56,6 +56,10 @@ class SmtpConfig:
     command_timeout: float = 300.0
     # RFC 5321 4.5.3.2.5/6: 3 minutes per data block, 10 minutes for the final dot.
     data_timeout: float = 600.0
+    # Postfix's smtpd_min_data_rate (bytes/s): each read of content earns this much more time,
+    # never more than data_timeout ahead, so content trickled a byte at a time cannot hold a
+    # connection for data_timeout per byte. 0: data_timeout from the last read, as RFC 5321.
+    min_data_rate: int = 500
     bare_line_endings: str = "reject"
     tls: bool = True
     tls_cert: Path | None = None
@@ -149,6 +153,7 @@ def _smtp_from_section(section: Section) -> SmtpConfig:
             "max_connections_per_client", defaults.max_connections_per_client, 1),
         command_timeout=section.duration("command_timeout", defaults.command_timeout),
         data_timeout=section.duration("data_timeout", defaults.data_timeout),
+        min_data_rate=section.integer("min_data_rate", defaults.min_data_rate, 0),
         bare_line_endings=section.choice("bare_line_endings", ("reject", "normalise"), "reject"),
         tls=section.boolean("tls", True),
         tls_cert=tls_cert,

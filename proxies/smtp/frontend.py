@@ -140,6 +140,7 @@ class SmtpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
+        self._data_deadline = 0.0  # while content arrives: see _content_read
         self._paused = False
         self._write_paused = False  # the transport's buffer is full: the client is not reading
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -203,7 +204,7 @@ class SmtpConnection(asyncio.Protocol):
         # of its first byte, or a client trickling a byte every few seconds (slowloris)
         # would hold its connection for ever.
         if self.core.state == "data":
-            self._arm(self.config.data_timeout)
+            self._content_read(len(data))
         elif not self.core.buffered:
             self._arm(self.config.command_timeout)
         self.core.receive_data(data)
@@ -389,6 +390,7 @@ class SmtpConnection(asyncio.Protocol):
             self.envelope = Envelope()
         elif isinstance(event, DataStart):
             self._arm(self.config.data_timeout)
+            self._data_deadline = self._deadline
         elif isinstance(event, StartTlsRequest):
             self._tls_phase = "requested"  # nothing more into the core until the handshake
         return event.reply
@@ -459,6 +461,20 @@ class SmtpConnection(asyncio.Protocol):
         self._cancel_timer()
         self._timer = loop.call_at(self._deadline, self._timed_out)
 
+    def _content_read(self, octets: int) -> None:
+        """A read of message content: like Postfix's smtpd_min_data_rate, it earns
+        octets/min_data_rate seconds on the deadline (never more than data_timeout from now),
+        so the content must keep coming at that rate on average, not merely a byte within
+        each data_timeout (which a trickling client could stretch for days)."""
+        rate = self.config.min_data_rate
+        if not rate:
+            self._arm(self.config.data_timeout)
+            return
+        now = asyncio.get_running_loop().time()
+        self._data_deadline = min(self._data_deadline + octets / rate,
+                                  now + self.config.data_timeout)
+        self._arm(self._data_deadline - now)
+
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -473,7 +489,8 @@ class SmtpConnection(asyncio.Protocol):
         if self._closed or self.transport is None or self.transport.is_closing():
             return
         logs.event("smtp_timeout", conn=self.connection_id,
-                   client=self.client.client_address if self.client else "-")
+                   client=self.client.client_address if self.client else "-",
+                   during="data" if self.core.state == "data" else "commands")
         # RFC 5321 3.8: say 421 before closing, so the client knows it was not a crash.
         self.transport.write(self._shutdown(self.core.timeout_reply))
         self._closed = True

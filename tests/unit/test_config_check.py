@@ -160,3 +160,13 @@ def test_config_check_reports_an_unreadable_file(
     assert f"# PROBLEM  {tmp_path / 'absent.toml'}: -: no such file" in out
     status, out = check(write(tmp_path, "[smtp\n"), capsys=capsys)
     assert status == 2 and "not valid TOML" in out
+
+
+def test_min_data_rate_is_read_and_a_negative_one_is_refused_by_key(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = 2000\n")).smtp.min_data_rate \
+        == 2000
+    assert load_config(write(tmp_path, "")).smtp.min_data_rate == 500  # Postfix's default
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "[smtp]\nmin_data_rate = -1\n"))
+    (problem,) = caught.value.problems
+    assert problem.key == "smtp.min_data_rate"

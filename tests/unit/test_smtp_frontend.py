@@ -241,6 +241,58 @@ def test_idle_timeout_says_421_then_closes() -> None:
     asyncio.run(run())
 
 
+async def _in_data(**smtp: Any) -> Conversation:
+    talk = await converse(**smtp)
+    await talk.say(b"EHLO c.example\r\nMAIL FROM:<a@s.example>\r\nRCPT TO:<b@example.com>\r\n")
+    (reply,) = await talk.say(b"DATA\r\n")
+    assert reply.startswith(b"354")
+    return talk
+
+
+async def _trickle(talk: Conversation, chunk: bytes, every: float, seconds: float) -> None:
+    for _ in range(round(seconds / every)):
+        if talk.transport.closed:
+            return
+        await talk.say(chunk)
+        await asyncio.sleep(every)
+
+
+def test_content_trickled_below_min_data_rate_times_out() -> None:
+    # A byte every 0.1 s keeps each read well inside data_timeout (0.4 s), but earns only
+    # 0.01 s a byte at 100 bytes/s: the deadline set at the 354 comes about 0.45 s later.
+    async def run() -> None:
+        talk = await _in_data(data_timeout=0.4, min_data_rate=100)
+        await _trickle(talk, b"x", 0.1, 1.2)
+        assert talk.transport.writes[-1] == b"421 4.4.2 gw.example Error: timeout exceeded\r\n"
+        assert talk.transport.closed and talk.handler.messages == []
+
+    asyncio.run(run())
+
+
+def test_content_at_min_data_rate_outlasts_data_timeout() -> None:
+    # 40 bytes every 0.1 s (400 bytes/s, above the 100 required) for 1 s, 2.5 data_timeouts.
+    async def run() -> None:
+        talk = await _in_data(data_timeout=0.4, min_data_rate=100)
+        await _trickle(talk, b"Subject: slow\r\n" + b"y" * 22 + b"\r\n", 0.1, 1.0)
+        assert not talk.transport.closed
+        (reply,) = await talk.say(b".\r\n")
+        assert reply.startswith(b"250 ") and len(talk.handler.messages) == 1
+
+    asyncio.run(run())
+
+
+def test_min_data_rate_zero_times_only_the_gap_between_reads() -> None:
+    async def run() -> None:
+        talk = await _in_data(data_timeout=0.4, min_data_rate=0)
+        await _trickle(talk, b"z", 0.1, 1.0)
+        assert not talk.transport.closed
+        await talk.say(b"\r\n")
+        (reply,) = await talk.say(b".\r\n")
+        assert reply.startswith(b"250 ")
+
+    asyncio.run(run())
+
+
 def test_connection_limit_per_client() -> None:
     async def run() -> None:
         # One front end, three connections from one client allowed two:
