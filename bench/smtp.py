@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="smtp.workers for mailgate (0: as many as CPUs)")
     parser.add_argument("--log-level", default="warning", help="mailgate's log level")
     parser.add_argument("--only", help="run only this path: direct, postfix, mailgate")
+    parser.add_argument("--frontend", choices=("mailgate", "aiosmtpd"), default="mailgate",
+                        help="mailgate's [smtp] frontend: ours, or aiosmtpd's SMTP class (the "
+                        "reference front end, which is how the gateway accepted mail before)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the paths this many times, alternating, and report the "
                         "median of the rounds' ratios (Postfix's own rate varies by a third "
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
         workers = args.workers or os.cpu_count() or 1
         queue_dir = workdir / "queue"
-        config = mailgate_config(workdir / "mailgate.toml", queue_dir, workers, args.log_level)
+        config = mailgate_config(workdir / "mailgate.toml", queue_dir, workers, args.log_level,
+                                 f'frontend = "{args.frontend}"\n')
         applied = run_in_namespace(lab.gateway.netns, "apply", config, workdir / "state.json")
         if applied.returncode != 0:
             print(applied.stdout + applied.stderr, file=sys.stderr)

@@ -91,18 +91,18 @@ class GatewayHandler:
             transport_domains=[domain for domain, _hop in config.transport],
         )
 
-    @staticmethod
-    def _client(server: Any, session: Session) -> ClientInfo:
+    def _client(self, server: Any, session: Session) -> ClientInfo:
         client: ClientInfo | None = getattr(session, "mailgate_client", None)
         if client is None:
             # A front end that knows nothing of us (aiosmtpd's own): learn it once, from the
-            # transport, as our front end does before its greeting.
-            sock = server.transport.get_extra_info("socket")
-            peer = server.transport.get_extra_info("peername")
-            listen_port = sock.getsockname()[1] if sock is not None else 0
-            client = ClientInfo(plain_ip(peer[0]), peer[1],
-                                original_destination(sock, listen_port) if sock else None,
-                                f"{id(server):x}")
+            # transport, as our front end does before its greeting. The port we listen on,
+            # not the socket's: under TPROXY that is the client's destination port (25).
+            transport = server.transport
+            sock = transport.get_extra_info("socket")
+            peer = transport.get_extra_info("peername")
+            destination = None if sock is None else original_destination(
+                sock, self.config.listen_port, transport.get_extra_info("sockname"), peer)
+            client = ClientInfo(plain_ip(peer[0]), peer[1], destination, f"{id(server):x}")
             session.mailgate_client = client  # type: ignore[attr-defined]
         return client
 

@@ -96,12 +96,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 def scan(rspamd: RspamdInstance, frontend: str = "mailgate") -> str:
     # test_filtering's config puts this right after its [smtp] keys, so [smtp] settings go
     # first. Recipient verification is not what these tests look at (smtp-sink takes all).
-    # Under aiosmtpd's front end the handler does not learn the intercepted destination
-    # (it takes the listener's port from getsockname(), which TPROXY makes the original
-    # one), so the server is named as the transport for example.com.
-    hop = f'transport = {{ "example.com" = "{SERVER}:25" }}\n' if frontend == "aiosmtpd" \
-        else ""
-    return (f'frontend = "{frontend}"\nverify_recipients = false\n{hop}'
+    # Under either front end the mail goes on to the intercepted destination: no transport.
+    return (f'frontend = "{frontend}"\nverify_recipients = false\n'
             f'[scan]\nrspamd = "{rspamd.url}"\ntimeout = "20s"\n')
 
 
