@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import random
 import re
@@ -40,7 +41,7 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -416,22 +417,58 @@ async def smtp_slowloris(target: Target, budget: Budget) -> Tally:
         if not greeting or not greeting[0].startswith(b"220"):
             tally.outcomes["refused" if greeting else "no greeting"] += 1
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget.seconds
-        for byte in script:
-            await conn.send(bytes([byte]))
-            wake = min(deadline, loop.time() + interval)
-            reply = await conn.reply(max(0.0, wake - loop.time()))
-            if reply == []:
-                tally.outcomes["closed"] += 1
+        await _trickle(conn, tally, (bytes([byte]) for byte in script), interval,
+                       budget.seconds)
+
+    return await _attack(tally, target, budget, talk, _all_at_once)
+
+
+async def _trickle(conn: Conn, tally: Tally, pieces: Iterable[bytes], interval: float,
+                   seconds: float) -> float:
+    """Send `pieces` one every `interval` seconds until the server says 421 or closes, or
+    `seconds` pass; count how it ended. Returns how long it went on."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + seconds
+    for piece in pieces:
+        await conn.send(piece)
+        reply = await conn.reply(max(0.0, min(interval, deadline - loop.time())))
+        if reply == []:
+            tally.outcomes["closed"] += 1
+            break
+        if reply is not None and reply[-1].startswith(b"421"):
+            tally.outcomes["timed out" if b"4.4.2" in reply[-1] else "421"] += 1
+            await conn.closed(2)
+            break
+        if loop.time() >= deadline:
+            tally.outcomes["still open"] += 1
+            break
+    return loop.time() - started
+
+
+async def smtp_data_trickle(target: Target, budget: Budget) -> Tally:
+    """budget.sessions connections at once that reach DATA and then send content one byte
+    every `interval` seconds: each read well within the data timeout, so only a minimum data
+    rate ([smtp] min_data_rate) ends them. How each ended; `longest_session` is the longest
+    a trickle was held, from the 354 on."""
+    tally = Tally("smtp_data_trickle")
+    interval = float(budget.options.get("interval", 1.0))
+    opening = (b"EHLO " + HELO + b"\r\n", b"MAIL FROM:<" + SENDER + b">\r\n",
+               b"RCPT TO:<" + RECIPIENT + b">\r\n", b"DATA\r\n")
+
+    async def talk(conn: Conn, index: int) -> None:
+        greeting = await conn.reply()
+        if not greeting or not greeting[0].startswith(b"220"):
+            tally.outcomes["refused" if greeting else "no greeting"] += 1
+            return
+        for command in opening:
+            await conn.send(command)
+            reply = await conn.reply(10)
+            if not reply or reply[-1][:1] not in (b"2", b"3"):
+                tally.outcomes["refused before data"] += 1
                 return
-            if reply is not None and reply[-1].startswith(b"421"):
-                tally.outcomes["timed out" if b"4.4.2" in reply[-1] else "421"] += 1
-                await conn.closed(2)
-                return
-            if loop.time() >= deadline:
-                tally.outcomes["still open"] += 1
-                return
+        held = await _trickle(conn, tally, itertools.repeat(b"x"), interval, budget.seconds)
+        tally.longest_session = max(tally.longest_session, held)
 
     return await _attack(tally, target, budget, talk, _all_at_once)
 
@@ -849,6 +886,7 @@ async def pop3_slowloris(target: Target, budget: Budget) -> Tally:
 ATTACKS: dict[str, Callable[[Target, Budget], Awaitable[Tally]]] = {
     "smtp_mutated": smtp_mutated,
     "smtp_slowloris": smtp_slowloris,
+    "smtp_data_trickle": smtp_data_trickle,
     "smtp_connection_flood": smtp_connection_flood,
     "smtp_pipelined_flood": smtp_pipelined_flood,
     "smtp_huge": smtp_huge,

@@ -272,6 +272,8 @@ def attack_plan(sessions_scale: float = 1.0, seconds: float = ATTACK_SECONDS,
         {"attack": "smtp_mutated", "target": smtp, "sessions": n(300), "concurrency": 8},
         {"attack": "smtp_slowloris", "target": smtp, "sessions": 12,
          "seconds": min(seconds, 12), "options": {"interval": 2.0}},
+        {"attack": "smtp_data_trickle", "target": smtp, "sessions": 4,
+         "seconds": min(seconds, 12), "options": {"interval": 1.0}},
         {"attack": "smtp_connection_flood", "target": smtp, "sessions": n(60),
          "options": {"per_round": 20, "hold": 1.0}},
         {"attack": "smtp_pipelined_flood", "target": smtp, "sessions": n(10), "concurrency": 2,
@@ -350,6 +352,12 @@ def check_tallies(tallies: dict[str, Tally]) -> None:
     # The whole command must arrive within command_timeout, however slowly it trickles in.
     assert slow.outcomes["timed out"] == limit, describe(slow)
     assert slow.replies["421 4.4.2"] == limit
+
+    trickle = tallies["smtp_data_trickle"]
+    # A byte a second is far inside data_timeout (4 s) per read, but far below min_data_rate
+    # (500 bytes/s by default): each is ended about data_timeout after its 354.
+    assert trickle.outcomes["timed out"] == trickle.sessions, describe(trickle)
+    assert 3.5 <= trickle.longest_session < 6.5, describe(trickle)
 
     flood = tallies["smtp_connection_flood"]
     assert flood.peak_open <= limit and flood.replies["421 4.7.0"] > 0, describe(flood)
