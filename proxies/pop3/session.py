@@ -57,6 +57,7 @@ from proxies.pop3.errors import RemoteProtocolError, err
 from proxies.pop3.keepalive import Keepalive
 from proxies.pop3.link import Link
 from proxies.pop3.policy import decide
+from proxies.pop3.relay import SERVER_GONE, SERVER_INVALID, RelayFailed, ResponseRelay, SessionFacts
 from proxies.pop3.spool import Spool
 from proxies.scan.api import ContentScanner, ScanResult
 from proxies.transparent import Address, ConnectionInfo, connect_socket
@@ -68,9 +69,7 @@ MAX_UNKNOWN_COMMANDS = 20
 MAX_CAPA_SIZE = 64 * 1024
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
-SERVER_GONE = err("[SYS/TEMP] the mail server closed the connection")
 SERVER_SILENT = err("[SYS/TEMP] the mail server did not answer in time")
-SERVER_INVALID = err("[SYS/TEMP] the mail server sent an invalid reply")
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -162,7 +161,7 @@ class Pop3Session:
         self._loop = loop
         # The relay's fast path (see `_pump`): the coroutine waits in `_park` meanwhile.
         self._parked: asyncio.Future[Command | SaslLine | Closed] | None = None
-        self._relaying: _Relaying | None = None
+        self._relaying: ResponseRelay | None = None
         self._idle_since = loop.time()
         self._server_active = 0.0
         self._paused_since = 0.0
@@ -172,18 +171,31 @@ class Pop3Session:
         client.listener = self._pump
         client.on_writable = self._client_writable
         self.server_link.listener = self._pump
-        self.state = states.SessionState.AUTHORIZATION
+        self.facts = SessionFacts()  # state, user and UIDLs, learnt from what is relayed
         self.client_tls = False
         self.server_tls = False
         self.server_offers_stls = False
         self.passthrough = False
-        self.user: str | None = None
-        self._pending_user: str | None = None
-        self.uidls: dict[bytes, bytes] = {}
         self.unknown_commands = 0
         self.messages = 0
         self.error: str | None = None
         self.started = time.monotonic()
+
+    @property
+    def state(self) -> states.SessionState:
+        return self.facts.state
+
+    @state.setter
+    def state(self, value: states.SessionState) -> None:
+        self.facts.state = value
+
+    @property
+    def user(self) -> str | None:
+        return self.facts.user
+
+    @property
+    def uidls(self) -> dict[bytes, bytes]:
+        return self.facts.uidls
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -448,7 +460,7 @@ class Pop3Session:
     def _start_relay(self, command: Command) -> None:
         self.server.expect(command)
         self.server_link.write(command.raw)
-        self._relaying = _Relaying(command, learn=command.verb == "UIDL")
+        self._relaying = ResponseRelay(command, self.server, self.facts)
         self._server_active = self._loop.time()
         self._arm()
 
@@ -457,44 +469,15 @@ class Pop3Session:
         client per call: a small response leaves in one segment."""
         relaying = self._relaying
         assert relaying is not None
-        out: list[bytes] = []
-        done = False
         try:
-            while True:
-                event = self.server.next_event()
-                if isinstance(event, NeedData):
-                    break
-                if isinstance(event, BodyData):
-                    out.append(event.data)
-                    if relaying.learn:
-                        lines = (relaying.tail + event.data).split(b"\n")
-                        relaying.tail = lines.pop()
-                        for line in lines:
-                            self._learn_uidls(line)
-                elif isinstance(event, BodyEnd):
-                    out.append(b".\r\n")
-                    done = True
-                    break
-                elif isinstance(event, Status):
-                    out.append(event.raw)
-                    self._relayed_status(relaying.command, event)
-                    if not (event.ok and self.server.state == "body"):
-                        done = True
-                        break
-                else:
-                    # After the status line all the client can get is a closed connection
-                    # (no final ".", so it knows the response is incomplete).
-                    raise _Abort("the server closed the connection",
-                                 None if relaying.started else SERVER_GONE)
-        except RemoteProtocolError as exc:
-            raise _Abort(exc.message, None if relaying.started or out
-                         else exc.reply or SERVER_INVALID) from None
-        if out:
-            self._to_client(b"".join(out))
-            relaying.started = True
+            step = relaying.step()
+        except RelayFailed as exc:
+            raise _Abort(exc.reason, exc.reply) from None
+        if step.out:
+            self._to_client(step.out)
         self.server_link.consumed()
         now = self._loop.time()
-        if done:
+        if step.done:
             self._relaying = None
             self._idle_since = now
         else:
@@ -503,7 +486,7 @@ class Pop3Session:
                 # The client is slower than the server: the server waits in its socket.
                 self.server_link.pause_reading()
                 self._client_stalled()
-        return done
+        return step.done
 
     def _client_stalled(self) -> None:
         if not self._stalled:
@@ -516,22 +499,6 @@ class Pop3Session:
         self.server_link.resume_reading()
         self._idle_since = self._server_active = self._loop.time()
         self._pump()
-
-    def _relayed_status(self, command: Command, status: Status) -> None:
-        """What a relayed status line teaches: the session state, the user (the scan cache
-        key), a message's UIDL."""
-        verb = command.verb
-        self.state = states.next_state(self.state, verb, status.ok)
-        if not status.ok:
-            return
-        if verb == "USER":
-            self._pending_user = command.argument.decode("utf-8", "replace").strip()
-        elif verb == "PASS":
-            self.user = self._pending_user
-        elif verb == "APOP" and command.arguments:
-            self.user = command.arguments[0].decode("utf-8", "replace")
-        elif verb == "UIDL" and len(command.arguments) == 1:
-            self._learn_uidls(status.text)
 
     # The deadlines while parked, checked by one timer that is moved only when a deadline
     # comes earlier than it (not per command): RFC 1939 3's autologout from our last
@@ -583,11 +550,6 @@ class Pop3Session:
             return
         body = await self._server_body(MAX_CAPA_SIZE)
         await self._send_client(multiline(status.raw, self._client_capabilities(body)))
-
-    def _learn_uidls(self, line: bytes) -> None:
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit():
-            self.uidls[parts[0]] = parts[1]
 
     def _client_capabilities(self, body: bytes) -> bytes:
         """The server's CAPA list as the client should see it (RFC 2449 5, RFC 2595 4)."""
@@ -729,7 +691,7 @@ class Pop3Session:
             status = await self._server_status()
         self.state = states.next_state(self.state, "AUTH", status.ok)
         if status.ok:
-            self.user = user
+            self.facts.user = user
         await self._send_client(status.raw)
 
     # --- RETR and TOP -----------------------------------------------------------------------------
@@ -745,7 +707,7 @@ class Pop3Session:
             status = await self._ask_server(_command(f"UIDL {number.decode()}"))
             if not status.ok:
                 return None
-            self._learn_uidls(status.text)
+            self.facts.learn_uidl(status.text)
             if number not in self.uidls:
                 return None
         scope = "RETR" if command.verb == "RETR" else "TOP " + b" ".join(arguments[1:]).decode()
@@ -990,16 +952,6 @@ class Pop3Session:
 
 # Commands `_pump` leaves to the coroutine (see `_command`).
 _SLOW_VERBS = frozenset({"STLS", "AUTH", "CAPA", "QUIT"})
-
-
-@dataclass
-class _Relaying:
-    """A relayed command whose response is on its way."""
-
-    command: Command
-    learn: bool  # a UIDL listing: remember the UIDLs (the scan cache key)
-    tail: bytes = b""  # a listing line not yet complete
-    started: bool = False  # some of the response has gone to the client
 
 
 class _QuarantineFailed(Exception):

@@ -1,0 +1,124 @@
+"""The relay of plain commands' responses, sans-I/O: the server's bytes in, the client's bytes
+and what the session learns out. No sockets: each case is a table of server bytes, split
+anywhere, and what must come of them."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxies.pop3.codec import ClientReader, Command, ServerReader
+from proxies.pop3.relay import (
+    SERVER_GONE,
+    SERVER_INVALID,
+    RelayFailed,
+    ResponseRelay,
+    SessionFacts,
+)
+from proxies.pop3.states import SessionState
+
+
+def command(line: bytes) -> Command:
+    reader = ClientReader()
+    reader.receive_data(line)
+    event = reader.next_event()
+    assert isinstance(event, Command)
+    return event
+
+
+def connected() -> ServerReader:
+    server = ServerReader()
+    server.receive_data(b"+OK ready\r\n")
+    server.next_event()
+    return server
+
+
+def started(line: bytes, facts: SessionFacts | None = None
+            ) -> tuple[ServerReader, ResponseRelay]:
+    """The server's reader and the relay, once `line` has gone to the server."""
+    server = connected()
+    cmd = command(line)
+    server.expect(cmd)
+    return server, ResponseRelay(cmd, server, facts or SessionFacts(SessionState.TRANSACTION))
+
+
+def relay(line: bytes, response: bytes, facts: SessionFacts, chunk: int
+          ) -> tuple[bytes, list[bool]]:
+    """Feed `response` in pieces of `chunk` bytes; what went to the client, and `done` per
+    step."""
+    server, relaying = started(line, facts)
+    out, dones = b"", []
+    for start in range(0, len(response), chunk):
+        server.receive_data(response[start:start + chunk])
+        step = relaying.step()
+        out += step.out
+        dones.append(step.done)
+    return out, dones
+
+
+LISTING = b"+OK 3 messages\r\n1 120\r\n2 5000\r\n..3 dotted\r\n.\r\n"
+UIDL = b"+OK\r\n1 uid-one\r\n2 uid-two\r\n3 uid-three\r\n.\r\n"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
+def test_a_listing_passes_unchanged_and_is_done_only_at_its_end(chunk: int) -> None:
+    facts = SessionFacts(SessionState.TRANSACTION)
+    out, dones = relay(b"LIST\r\n", LISTING, facts, chunk)
+    assert out == LISTING  # stuffed lines stay stuffed: the client unstuffs them
+    assert dones[-1] and not any(dones[:-1])
+    assert facts.state is SessionState.TRANSACTION
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_uidl_listing_is_learnt_across_any_split(chunk: int) -> None:
+    facts = SessionFacts(SessionState.TRANSACTION)
+    out, _ = relay(b"UIDL\r\n", UIDL, facts, chunk)
+    assert out == UIDL
+    assert facts.uidls == {b"1": b"uid-one", b"2": b"uid-two", b"3": b"uid-three"}
+
+
+def test_a_single_uidl_is_learnt_from_its_status_line() -> None:
+    facts = SessionFacts(SessionState.TRANSACTION)
+    relay(b"UIDL 2\r\n", b"+OK 2 uid-two\r\n", facts, 100)
+    assert facts.uidls == {b"2": b"uid-two"}
+
+
+def test_user_and_pass_make_the_user_and_the_transaction_state() -> None:
+    facts = SessionFacts()
+    relay(b"USER alice\r\n", b"+OK\r\n", facts, 100)
+    assert facts.user is None and facts.pending_user == "alice"
+    relay(b"PASS wrong\r\n", b"-ERR [AUTH] no\r\n", facts, 100)
+    assert facts.user is None and facts.state is SessionState.AUTHORIZATION
+    relay(b"PASS secret\r\n", b"+OK logged in\r\n", facts, 100)
+    assert facts.user == "alice" and facts.state is SessionState.TRANSACTION
+
+
+def test_quit_closes_whatever_the_server_says() -> None:
+    facts = SessionFacts(SessionState.TRANSACTION)
+    out, dones = relay(b"QUIT\r\n", b"-ERR some deleted messages not removed\r\n", facts, 100)
+    assert dones == [True] and out.startswith(b"-ERR")
+    assert facts.state is SessionState.CLOSED
+
+
+@pytest.mark.parametrize(("line", "data", "reply"), [
+    (b"LIST\r\n", b"", SERVER_GONE),  # closed before anything was relayed
+    (b"STAT\r\n", b"HTTP/1.1 400 Bad Request\r\n", SERVER_INVALID),  # not a status line
+], ids=["gone", "garbage"])
+def test_a_server_failing_before_anything_was_relayed_gets_the_client_an_err(
+        line: bytes, data: bytes, reply: bytes) -> None:
+    server, relaying = started(line)
+    server.receive_data(data)
+    with pytest.raises(RelayFailed) as caught:
+        relaying.step()
+    assert caught.value.reply == reply
+
+
+def test_a_server_gone_mid_listing_ends_with_no_reply_and_no_final_dot() -> None:
+    # Once part of the response is the client's, a -ERR would read as more listing: all it
+    # can get is a closed connection without the final ".".
+    server, relaying = started(b"LIST\r\n")
+    server.receive_data(b"+OK\r\n1 120\r\n")
+    assert relaying.step().out == b"+OK\r\n1 120\r\n"
+    server.receive_data(b"")
+    with pytest.raises(RelayFailed) as caught:
+        relaying.step()
+    assert caught.value.reply is None
