@@ -1,5 +1,6 @@
-"""What the POP3 proxy relays without stepping in, sans-I/O: a plain command's response on its
-way from the server to the client, and what the session learns from it.
+"""The POP3 proxy's decisions about what it relays, sans-I/O: what becomes of a client's
+command (`route`), a plain command's response on its way from the server to the client
+(`ResponseRelay`), and what the session learns from it (`SessionFacts`).
 
 The session (`proxies.pop3.session`) feeds the server's bytes to its `ServerReader` and asks
 `ResponseRelay.step()` what to pass on; this module decides, the session does the I/O (and the
@@ -10,15 +11,61 @@ the user (part of the scan cache key) and the UIDLs the server listed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from proxies.pop3 import states
 from proxies.pop3.codec import BodyData, BodyEnd, Command, NeedData, ServerReader, Status
 from proxies.pop3.errors import RemoteProtocolError, err
 
-__all__ = ["RelayFailed", "RelayStep", "ResponseRelay", "SessionFacts"]
+__all__ = ["RelayFailed", "RelayStep", "ResponseRelay", "Route", "SessionFacts", "route"]
 
 SERVER_GONE = err("[SYS/TEMP] the mail server closed the connection")
 SERVER_INVALID = err("[SYS/TEMP] the mail server sent an invalid reply")
+
+
+# Commands the proxy steps into, or whose answer ends the session: never relayed from the
+# links' callbacks (the session's fast path), always by its coroutine.
+STEPPED_INTO = frozenset({"STLS", "AUTH", "CAPA", "QUIT"})
+
+
+@dataclass(frozen=True)
+class Route:
+    """What becomes of a client's command.
+
+    `action`: "reply" (the proxy answers `reply` itself: an empty line, a known command in
+    the wrong state), "relay" (to the server, its response back as it comes), or the
+    exchanges the proxy steps into: "stls", "auth" (with an initial mechanism), "fetch" (a
+    RETR or TOP to scan), "capa" (the list rewritten). `unknown`: a verb we do not know (an
+    extension), relayed but counted. `fast`: a relay the session may do from its callbacks.
+    """
+
+    action: Literal["reply", "relay", "stls", "auth", "fetch", "capa"]
+    reply: bytes = b""
+    unknown: bool = False
+    fast: bool = False
+
+
+def route(command: Command, state: states.SessionState, scanned: frozenset[str]) -> Route:
+    """`scanned`: the verbs whose responses are scanned (RETR, and TOP if so configured)."""
+    verb = command.verb
+    if verb == "":
+        return Route("reply", err("empty command"))
+    unknown = verb == "?" or verb not in states.KNOWN_VERBS
+    try:
+        states.check(state, verb)
+    except RemoteProtocolError as exc:
+        assert exc.reply is not None
+        return Route("reply", exc.reply)
+    if verb == "STLS":
+        return Route("stls")
+    if verb == "AUTH" and command.argument.strip():
+        return Route("auth")
+    if verb in scanned:
+        return Route("fetch")
+    if verb == "CAPA":
+        return Route("capa")
+    return Route("relay", unknown=unknown,
+                 fast=not unknown and verb in states.ALLOWED[state] and verb not in STEPPED_INTO)
 
 
 @dataclass

@@ -57,7 +57,14 @@ from proxies.pop3.errors import RemoteProtocolError, err
 from proxies.pop3.keepalive import Keepalive
 from proxies.pop3.link import Link
 from proxies.pop3.policy import decide
-from proxies.pop3.relay import SERVER_GONE, SERVER_INVALID, RelayFailed, ResponseRelay, SessionFacts
+from proxies.pop3.relay import (
+    SERVER_GONE,
+    SERVER_INVALID,
+    RelayFailed,
+    ResponseRelay,
+    SessionFacts,
+    route,
+)
 from proxies.pop3.spool import Spool
 from proxies.scan.api import ContentScanner, ScanResult
 from proxies.transparent import Address, ConnectionInfo, connect_socket
@@ -177,6 +184,9 @@ class Pop3Session:
         self.server_offers_stls = False
         self.passthrough = False
         self.unknown_commands = 0
+        scanning = context.scanner is not None
+        self._scanned = frozenset(({"RETR", "TOP"} if self.config.scan_top else {"RETR"})
+                                  if scanning else ())
         self.messages = 0
         self.error: str | None = None
         self.started = time.monotonic()
@@ -378,42 +388,23 @@ class Pop3Session:
                 return
 
     async def _command(self, command: Command) -> None:
-        verb = command.verb
-        if verb in ("", "?") or verb not in states.KNOWN_VERBS:
-            if verb == "":
-                await self._send_client(err("empty command"))
-                return
+        decision = route(command, self.state, self._scanned)
+        if decision.unknown:
             self.unknown_commands += 1
             if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
                 raise _Abort("too many unknown commands", err("too many unknown commands"))
-        try:
-            states.check(self.state, verb)
-        except RemoteProtocolError as exc:
-            assert exc.reply is not None
-            await self._send_client(exc.reply)
-            return
-        if verb == "STLS":
+        if decision.action == "reply":
+            await self._send_client(decision.reply)
+        elif decision.action == "stls":
             await self._stls(command)
-        elif verb == "AUTH" and command.argument.strip():
+        elif decision.action == "auth":
             await self._auth(command)
-        elif verb in ("RETR", "TOP") and self._scans(verb):
+        elif decision.action == "fetch":
             await self._fetch(command)
-        elif verb == "CAPA":
+        elif decision.action == "capa":
             await self._capa(command)
         else:
             self._start_relay(command)  # `_pump` relays the response
-
-    def _scans(self, verb: str) -> bool:
-        if self.context.scanner is None:
-            return False
-        return verb == "RETR" or self.config.scan_top
-
-    def _fast(self, command: Command) -> bool:
-        """May `_pump` relay this command on its own? Those `_command` would only relay: a
-        known verb, valid now, that the proxy neither answers nor steps into."""
-        verb = command.verb
-        return (verb in states.ALLOWED[self.state] and verb not in _SLOW_VERBS
-                and not (verb in ("RETR", "TOP") and self._scans(verb)))
 
     def _pump(self) -> None:
         """The relay's fast path, run from the links' callbacks while the coroutine waits in
@@ -447,7 +438,8 @@ class Pop3Session:
                 if isinstance(event, NeedData):
                     self.client_link.consumed()
                     return
-                if isinstance(event, Command) and self._fast(event):
+                if isinstance(event, Command) and route(event, self.state,
+                                                        self._scanned).fast:
                     self._start_relay(event)
                     continue
                 parked.set_result(event)
@@ -950,8 +942,6 @@ class Pop3Session:
             raise _QuarantineFailed from exc
 
 
-# Commands `_pump` leaves to the coroutine (see `_command`).
-_SLOW_VERBS = frozenset({"STLS", "AUTH", "CAPA", "QUIT"})
 
 
 class _QuarantineFailed(Exception):

@@ -7,13 +7,7 @@ from __future__ import annotations
 import pytest
 
 from proxies.pop3.codec import ClientReader, Command, ServerReader
-from proxies.pop3.relay import (
-    SERVER_GONE,
-    SERVER_INVALID,
-    RelayFailed,
-    ResponseRelay,
-    SessionFacts,
-)
+from proxies.pop3.relay import RelayFailed, ResponseRelay, SessionFacts, route
 from proxies.pop3.states import SessionState
 
 
@@ -100,8 +94,10 @@ def test_quit_closes_whatever_the_server_says() -> None:
 
 
 @pytest.mark.parametrize(("line", "data", "reply"), [
-    (b"LIST\r\n", b"", SERVER_GONE),  # closed before anything was relayed
-    (b"STAT\r\n", b"HTTP/1.1 400 Bad Request\r\n", SERVER_INVALID),  # not a status line
+    # closed before anything was relayed; not a status line
+    (b"LIST\r\n", b"", b"-ERR [SYS/TEMP] the mail server closed the connection\r\n"),
+    (b"STAT\r\n", b"HTTP/1.1 400 Bad Request\r\n",
+     b"-ERR [SYS/TEMP] the mail server sent an invalid reply\r\n"),
 ], ids=["gone", "garbage"])
 def test_a_server_failing_before_anything_was_relayed_gets_the_client_an_err(
         line: bytes, data: bytes, reply: bytes) -> None:
@@ -122,3 +118,40 @@ def test_a_server_gone_mid_listing_ends_with_no_reply_and_no_final_dot() -> None
     with pytest.raises(RelayFailed) as caught:
         relaying.step()
     assert caught.value.reply is None
+
+
+# --- what becomes of a client's command -------------------------------------------------------
+
+A, T = SessionState.AUTHORIZATION, SessionState.TRANSACTION
+SCANNED = frozenset({"RETR"})
+
+
+@pytest.mark.parametrize(("state", "line", "action", "fast", "unknown"), [
+    (A, b"USER alice\r\n", "relay", True, False),
+    (A, b"CAPA\r\n", "capa", False, False),
+    (A, b"STLS\r\n", "stls", False, False),
+    (A, b"AUTH PLAIN\r\n", "auth", False, False),
+    (A, b"AUTH\r\n", "relay", False, False),  # the mechanism list: relayed by the coroutine
+    (A, b"QUIT\r\n", "relay", False, False),  # ends the session: not from the callbacks
+    (A, b"RETR 1\r\n", "reply", False, False),  # not before authentication
+    (T, b"RETR 1\r\n", "fetch", False, False),  # scanned
+    (T, b"TOP 1 10\r\n", "relay", True, False),  # not scanned unless scan_top
+    (T, b"LIST\r\n", "relay", True, False),
+    (T, b"STLS\r\n", "reply", False, False),  # RFC 2595 4: only before authentication
+    (T, b"XTND XMIT\r\n", "relay", False, True),  # an extension: relayed, counted
+    (T, b"?\r\n", "relay", False, True),
+])
+def test_each_command_has_one_route(state: SessionState, line: bytes, action: str,
+                                    fast: bool, unknown: bool) -> None:
+    decision = route(command(line), state, SCANNED)
+    assert (decision.action, decision.fast, decision.unknown) == (action, fast, unknown)
+    if action == "reply":
+        assert decision.reply.startswith(b"-ERR ")
+
+
+def test_an_empty_line_is_answered_by_the_proxy() -> None:
+    assert route(command(b"\r\n"), T, SCANNED).reply == b"-ERR empty command\r\n"
+
+
+def test_top_is_fetched_when_it_is_scanned_too() -> None:
+    assert route(command(b"TOP 1 10\r\n"), T, frozenset({"RETR", "TOP"})).action == "fetch"
