@@ -17,7 +17,8 @@ from proxies.pop3 import states
 from proxies.pop3.codec import BodyData, BodyEnd, Command, NeedData, ServerReader, Status
 from proxies.pop3.errors import RemoteProtocolError, err
 
-__all__ = ["RelayFailed", "RelayStep", "ResponseRelay", "Route", "SessionFacts", "route"]
+__all__ = ["RelayFailed", "RelayStep", "ResponseRelay", "Route", "SessionFacts",
+           "client_capabilities", "route"]
 
 SERVER_GONE = err("[SYS/TEMP] the mail server closed the connection")
 SERVER_INVALID = err("[SYS/TEMP] the mail server sent an invalid reply")
@@ -66,6 +67,21 @@ def route(command: Command, state: states.SessionState, scanned: frozenset[str])
         return Route("capa")
     return Route("relay", unknown=unknown,
                  fast=not unknown and verb in states.ALLOWED[state] and verb not in STEPPED_INTO)
+
+
+def client_capabilities(body: bytes, tls_mode: str, offer_stls: bool) -> bytes:
+    """The server's CAPA list as the client should see it (RFC 2449 5, RFC 2595 4).
+
+    "passthrough": as the server sent it (the TLS, if any, is end to end). Otherwise the
+    server's STLS is ours to offer or not: `offer_stls` when we terminate TLS for a client
+    still in plain text, with a server that offers it and a certificate of our own."""
+    if tls_mode == "passthrough":
+        return body
+    lines = [line for line in body.split(b"\r\n")
+             if line.strip() and line.split()[0].upper() != b"STLS"]
+    if offer_stls:
+        lines.append(b"STLS")
+    return b"".join(line + b"\r\n" for line in lines)
 
 
 @dataclass

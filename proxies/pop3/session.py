@@ -63,6 +63,7 @@ from proxies.pop3.relay import (
     RelayFailed,
     ResponseRelay,
     SessionFacts,
+    client_capabilities,
     route,
 )
 from proxies.pop3.spool import Spool
@@ -541,18 +542,10 @@ class Pop3Session:
             await self._send_client(status.raw)
             return
         body = await self._server_body(MAX_CAPA_SIZE)
-        await self._send_client(multiline(status.raw, self._client_capabilities(body)))
-
-    def _client_capabilities(self, body: bytes) -> bytes:
-        """The server's CAPA list as the client should see it (RFC 2449 5, RFC 2595 4)."""
-        lines = [line for line in body.split(b"\r\n") if line.strip()]
-        if self.config.tls == "passthrough":
-            return body
-        lines = [line for line in lines if line.split()[0].upper() != b"STLS"]
-        if (self.config.tls == "terminate" and not self.client_tls and self.server_offers_stls
-                and self.context.tls_server is not None):
-            lines.append(b"STLS")
-        return b"".join(line + b"\r\n" for line in lines)
+        offer_stls = (self.config.tls == "terminate" and not self.client_tls
+                      and self.server_offers_stls and self.context.tls_server is not None)
+        await self._send_client(multiline(status.raw, client_capabilities(
+            body, self.config.tls, offer_stls)))
 
     # --- TLS ----------------------------------------------------------------------------------
 

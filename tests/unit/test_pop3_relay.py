@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 
 from proxies.pop3.codec import ClientReader, Command, ServerReader
-from proxies.pop3.relay import RelayFailed, ResponseRelay, SessionFacts, route
+from proxies.pop3.relay import (
+    RelayFailed,
+    ResponseRelay,
+    SessionFacts,
+    client_capabilities,
+    route,
+)
 from proxies.pop3.states import SessionState
 
 
@@ -155,3 +161,24 @@ def test_an_empty_line_is_answered_by_the_proxy() -> None:
 
 def test_top_is_fetched_when_it_is_scanned_too() -> None:
     assert route(command(b"TOP 1 10\r\n"), T, frozenset({"RETR", "TOP"})).action == "fetch"
+
+
+# --- the CAPA list the client sees ------------------------------------------------------------
+
+SERVER_CAPA = b"TOP\r\nUIDL\r\nSTLS\r\nSASL PLAIN\r\nPIPELINING\r\n"
+
+
+@pytest.mark.parametrize(("mode", "offer", "want"), [
+    ("passthrough", False, SERVER_CAPA),  # end-to-end TLS: the server's own list
+    ("terminate", True, b"TOP\r\nUIDL\r\nSASL PLAIN\r\nPIPELINING\r\nSTLS\r\n"),
+    ("terminate", False, b"TOP\r\nUIDL\r\nSASL PLAIN\r\nPIPELINING\r\n"),  # e.g. after STLS
+    ("strip", False, b"TOP\r\nUIDL\r\nSASL PLAIN\r\nPIPELINING\r\n"),
+])
+def test_capa_offers_stls_only_where_the_proxy_can_keep_the_promise(
+        mode: str, offer: bool, want: bytes) -> None:
+    assert client_capabilities(SERVER_CAPA, mode, offer) == want
+
+
+def test_capa_drops_blank_lines_and_any_spelling_of_stls() -> None:
+    assert client_capabilities(b"USER\r\n\r\nstls\r\n  \r\nTOP\r\n", "strip", False) == \
+        b"USER\r\nTOP\r\n"
