@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import email.header
 import email.utils
+import itertools
 import secrets
 import time
+from collections.abc import Iterator
 
 from proxies.mail.headers import Header
 from proxies.mail.tagging import OUR_FIELDS, SCAN_FIELD, field, tag_header
+from proxies.pop3.spool import Spool
 from proxies.scan.api import ScanResult
 
-__all__ = ["build_notice", "tag_spam", "trace_length", "unscanned"]
+__all__ = ["build_notice", "retrieved", "tag_spam", "trace_length", "unscanned"]
 
 # Fields a delivering MTA or MDA puts on top of a message (RFC 5321 4.4, RFC 9228); everything
 # we send before a verdict comes from these.
@@ -126,3 +129,23 @@ def build_notice(header: Header, result: ScanResult, *, size: int, quarantine_id
     body = "".join(line + eol.decode() for line in lines)
     out.append(body.encode("utf-8"))
     return b"".join(out)
+
+
+def retrieved(outcome: str, header: Header, result: ScanResult | None, spool: Spool, *,
+              subject_prefix: str, sent_early: int, quarantine_id: str | None,
+              hostname: str) -> Iterator[bytes]:
+    """The message the client gets for `outcome` (proxies.pop3.policy.decide), in pieces:
+    the original ("deliver"), the original with a tagged header ("tag", "unscanned"), or a
+    notice instead ("replace"). `sent_early`: the leading bytes the keep-alive has sent
+    already, which a tagged header keeps where they are."""
+    if outcome == "deliver":
+        return spool.chunks()
+    assert result is not None, outcome
+    rest = spool.chunks(len(header.data))
+    if outcome == "tag":
+        return itertools.chain([tag_spam(header, result, subject_prefix, sent_early)], rest)
+    if outcome == "unscanned":
+        return itertools.chain([unscanned(header, result.reason or "scanner failed",
+                                          sent_early)], rest)
+    return iter([build_notice(header, result, size=spool.size, quarantine_id=quarantine_id,
+                              hostname=hostname)])

@@ -27,10 +27,11 @@ import base64
 import binascii
 import contextlib
 import functools
+import itertools
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -786,24 +787,10 @@ class Pop3Session:
             await self._send_client(err(f"[SYS/TEMP] message temporarily unavailable "
                                         f"({tempfail_reason}), try again later"))
             return
-        assert result is not None or outcome == "deliver"
-        pieces: Iterable[bytes]
-        rest = spool.chunks(len(header.data))
-        if outcome == "deliver":
-            pieces = spool.chunks()
-        elif outcome == "tag":
-            assert result is not None
-            pieces = _chain([rewrite.tag_spam(header, result, self.config.subject_prefix,
-                                              held.keepalive.sent)], rest)
-        elif outcome == "unscanned":
-            assert result is not None
-            pieces = _chain([rewrite.unscanned(header, result.reason or "scanner failed",
-                                               held.keepalive.sent)], rest)
-        else:
-            assert result is not None
-            pieces = [rewrite.build_notice(header, result, size=spool.size,
-                                           quarantine_id=quarantine_id,
-                                           hostname=self.context.hostname)]
+        pieces = rewrite.retrieved(outcome, header, result, spool,
+                                   subject_prefix=self.config.subject_prefix,
+                                   sent_early=held.keepalive.sent,
+                                   quarantine_id=quarantine_id, hostname=self.context.hostname)
         await self._deliver(held, pieces)
 
     async def _oversize(self, command: Command, held: _Held, spool: Spool, pending: bytes,
@@ -830,7 +817,7 @@ class Pop3Session:
                 "[SYS/TEMP] message temporarily unavailable (message too large to scan), "
                 "try again later"))
         size = spool.size + len(pending)
-        await self._deliver(held, _chain([], spool.chunks(), [pending]), end=False)
+        await self._deliver(held, itertools.chain(spool.chunks(), [pending]), end=False)
         spool.close()
         out: list[bytes] = []
         buffered = 0
@@ -963,8 +950,3 @@ async def _scan_into(scanner: ContentScanner, content: bytes, box: _Box) -> None
         raise
     except Exception as exc:  # a scanner bug or outage is a failed scan, not a dead session
         box.result = ScanResult("failed", reason=f"scanner error: {type(exc).__name__}")
-
-
-def _chain(*parts: Iterable[bytes]) -> Iterator[bytes]:
-    for part in parts:
-        yield from part

@@ -129,6 +129,32 @@ def test_notice_is_well_formed_and_starts_with_the_trace() -> None:
     assert "Résumé".encode() in body and b"Eicar-Test-Signature" in body and b"q1" in body
 
 
+@pytest.mark.parametrize("outcome", ["deliver", "tag", "unscanned", "replace"])
+def test_what_the_client_gets_for_each_outcome(outcome: str) -> None:
+    original = message("hello", body=b"The body.\r\n" * 50, trace=2)
+    spool = Spool(1 << 20)
+    spool.write(original)
+    header = parse_header(original, complete=True)
+    assert header is not None
+    trace = len(original[:rewrite.trace_length(header)])
+    result = {"deliver": None, "tag": SPAM, "unscanned": ScanResult("failed", reason="down"),
+              "replace": VIRUS}[outcome]
+    got = b"".join(rewrite.retrieved(outcome, header, result, spool, subject_prefix="[SPAM] ",
+                                     sent_early=trace, quarantine_id="q1",
+                                     hostname="gw.example"))
+    # Every outcome starts with the trace the keep-alive may have sent already.
+    assert got.startswith(original[:trace])
+    body = original[len(header.data):]
+    if outcome == "deliver":
+        assert got == original
+    elif outcome == "tag":
+        assert got.endswith(body) and b"Subject: [SPAM] hello" in got
+    elif outcome == "unscanned":
+        assert got.endswith(body) and b"X-Mailgate-Scan: unscanned" in got
+    else:
+        assert body not in got and b"q1" in got
+
+
 # --- keep-alive ------------------------------------------------------------------------------
 
 
