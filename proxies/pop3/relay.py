@@ -10,6 +10,8 @@ the user (part of the scan cache key) and the UIDLs the server listed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,8 +19,8 @@ from proxies.pop3 import states
 from proxies.pop3.codec import BodyData, BodyEnd, Command, NeedData, ServerReader, Status
 from proxies.pop3.errors import RemoteProtocolError, err
 
-__all__ = ["RelayFailed", "RelayStep", "ResponseRelay", "Route", "SessionFacts",
-           "client_capabilities", "route"]
+__all__ = ["AuthExchange", "RelayFailed", "RelayStep", "ResponseRelay", "Route",
+           "SessionFacts", "client_capabilities", "route", "sasl_user"]
 
 SERVER_GONE = err("[SYS/TEMP] the mail server closed the connection")
 SERVER_INVALID = err("[SYS/TEMP] the mail server sent an invalid reply")
@@ -175,3 +177,44 @@ class ResponseRelay:
         if out:
             self.started = True
         return RelayStep(b"".join(out), done)
+
+
+def sasl_user(mechanism: bytes, response: bytes, step: int) -> str | None:
+    """The login name in a PLAIN (RFC 4616: authzid NUL authcid NUL passwd) or LOGIN (first
+    response) exchange; None for other mechanisms. Only kept for the scan cache key."""
+    try:
+        decoded = base64.b64decode(response, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    mech = mechanism.upper()
+    if mech == b"PLAIN":
+        parts = decoded.split(b"\0")
+        return parts[1].decode("utf-8", "replace") if len(parts) == 3 else None
+    if mech == b"LOGIN" and step == 0:
+        return decoded.decode("utf-8", "replace")
+    return None
+
+
+class AuthExchange:
+    """A SASL exchange (RFC 5034) the session relays line by line: what it learns of the user
+    from the client's lines (never logged), and what the final status makes of the session."""
+
+    def __init__(self, command: Command, facts: SessionFacts) -> None:
+        arguments = command.arguments
+        self.mechanism = arguments[0]
+        self.facts = facts
+        initial = arguments[1] if len(arguments) > 1 else None
+        self.user = None if initial is None else sasl_user(self.mechanism, initial, 0)
+        self.step = 0 if initial is None else 1
+
+    def client_line(self, data: bytes) -> None:
+        """A client's response to a "+" continuation."""
+        if self.user is None:
+            self.user = sasl_user(self.mechanism, data, self.step)
+        self.step += 1
+
+    def finished(self, status: Status) -> None:
+        """The server's final status line (not a continuation)."""
+        self.facts.state = states.next_state(self.facts.state, "AUTH", status.ok)
+        if status.ok:
+            self.facts.user = self.user

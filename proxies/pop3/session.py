@@ -23,8 +23,6 @@ closed connection, within the configured timeouts; the proxy never sends QUIT fo
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import functools
 import itertools
@@ -61,6 +59,7 @@ from proxies.pop3.policy import decide
 from proxies.pop3.relay import (
     SERVER_GONE,
     SERVER_INVALID,
+    AuthExchange,
     RelayFailed,
     ResponseRelay,
     SessionFacts,
@@ -134,22 +133,6 @@ class _Abort(Exception):
 def _command(line: str) -> Command:
     verb, _, argument = line.partition(" ")
     return Command(verb, argument.encode(), line.encode() + b"\r\n")
-
-
-def _sasl_user(mechanism: bytes, response: bytes, step: int) -> str | None:
-    """The login name in a PLAIN (RFC 4616: authzid NUL authcid NUL passwd) or LOGIN (first
-    response) exchange; None for other mechanisms. Only kept for the scan cache key."""
-    try:
-        decoded = base64.b64decode(response, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    mech = mechanism.upper()
-    if mech == b"PLAIN":
-        parts = decoded.split(b"\0")
-        return parts[1].decode("utf-8", "replace") if len(parts) == 3 else None
-    if mech == b"LOGIN" and step == 0:
-        return decoded.decode("utf-8", "replace")
-    return None
 
 
 class Pop3Session:
@@ -659,10 +642,7 @@ class Pop3Session:
 
     async def _auth(self, command: Command) -> None:
         """A SASL exchange (RFC 5034), relayed line by line; the lines are never logged."""
-        arguments = command.arguments
-        mechanism = arguments[0]
-        user = _sasl_user(mechanism, arguments[1], 0) if len(arguments) > 1 else None
-        step = 1 if len(arguments) > 1 else 0
+        exchange = AuthExchange(command, self.facts)
         status = await self._ask_server(command)
         while status.kind == "continue":
             await self._send_client(status.raw)
@@ -670,14 +650,10 @@ class Pop3Session:
             event = await self._client_event()
             if not isinstance(event, SaslLine):
                 raise _Abort("the client left during AUTH")
-            if user is None:
-                user = _sasl_user(mechanism, event.data, step)
-            step += 1
+            exchange.client_line(event.data)
             await self._send_server(event.raw)
             status = await self._server_status()
-        self.state = states.next_state(self.state, "AUTH", status.ok)
-        if status.ok:
-            self.facts.user = user
+        exchange.finished(status)
         await self._send_client(status.raw)
 
     # --- RETR and TOP -----------------------------------------------------------------------------

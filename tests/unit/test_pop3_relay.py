@@ -4,10 +4,13 @@ anywhere, and what must come of them."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
-from proxies.pop3.codec import ClientReader, Command, ServerReader
+from proxies.pop3.codec import ClientReader, Command, ServerReader, Status
 from proxies.pop3.relay import (
+    AuthExchange,
     RelayFailed,
     ResponseRelay,
     SessionFacts,
@@ -182,3 +185,44 @@ def test_capa_offers_stls_only_where_the_proxy_can_keep_the_promise(
 def test_capa_drops_blank_lines_and_any_spelling_of_stls() -> None:
     assert client_capabilities(b"USER\r\n\r\nstls\r\n  \r\nTOP\r\n", "strip", False) == \
         b"USER\r\nTOP\r\n"
+
+
+# --- AUTH ---------------------------------------------------------------------------------------
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def status(line: bytes) -> Status:
+    server = connected()
+    server.expect(command(b"AUTH PLAIN\r\n"))
+    server.receive_data(line)
+    event = server.next_event()
+    assert isinstance(event, Status)
+    return event
+
+
+@pytest.mark.parametrize(("line", "responses", "user"), [
+    (b"AUTH PLAIN " + b64(b"\0alice\0secret") + b"\r\n", [], "alice"),  # initial response
+    (b"AUTH PLAIN\r\n", [b64(b"admin\0alice\0secret")], "alice"),  # the authcid, not authzid
+    (b"AUTH LOGIN\r\n", [b64(b"alice"), b64(b"secret")], "alice"),  # the first response only
+    (b"AUTH CRAM-MD5\r\n", [b64(b"alice 0123456789abcdef")], None),  # nothing we can read
+    (b"AUTH PLAIN\r\n", [b"not base64!"], None),
+])
+def test_auth_learns_the_user_once_the_server_says_ok(line: bytes, responses: list[bytes],
+                                                      user: str | None) -> None:
+    facts = SessionFacts()
+    exchange = AuthExchange(command(line), facts)
+    for response in responses:
+        exchange.client_line(response)
+    assert facts.user is None  # nothing is believed before the server's +OK
+    exchange.finished(status(b"+OK logged in\r\n"))
+    assert facts.user == user and facts.state is SessionState.TRANSACTION
+
+
+def test_failed_auth_teaches_nothing() -> None:
+    facts = SessionFacts()
+    exchange = AuthExchange(command(b"AUTH PLAIN " + b64(b"\0alice\0wrong") + b"\r\n"), facts)
+    exchange.finished(status(b"-ERR [AUTH] authentication failed\r\n"))
+    assert facts.user is None and facts.state is SessionState.AUTHORIZATION
