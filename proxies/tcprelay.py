@@ -35,8 +35,8 @@ from proxies.transparent import (
     Address,
     ConnectionInfo,
     TransparentError,
+    accepted,
     connect_socket,
-    connection_info,
     make_listeners,
 )
 
@@ -291,9 +291,7 @@ class TcpRelay:
         # Nothing is read until the onward connection can take it (flow control starts here).
         transport.pause_reading()
         try:
-            info = connection_info(transport.get_extra_info("socket"), listen_port,
-                                   transport.get_extra_info("sockname"),
-                                   transport.get_extra_info("peername"))
+            info = accepted(transport, listen_port)
         except OSError as exc:
             log.warning("cannot read the addresses of an accepted connection: %s", exc)
             transport.abort()

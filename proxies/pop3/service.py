@@ -28,7 +28,7 @@ from proxies.pop3.session import Pop3Session, QuarantineStore, SessionContext, s
 from proxies.quarantine import Quarantine
 from proxies.scan.api import ContentScanner, ScanResult
 from proxies.tls import client_context, ensure_self_signed, server_context
-from proxies.transparent import Address, connection_info, make_listeners
+from proxies.transparent import Address, accepted, make_listeners
 
 __all__ = ["Pop3Proxy", "RunningService", "SharedQuarantine", "start_pop3"]
 
@@ -120,8 +120,7 @@ class Pop3Proxy:
         transport.set_write_buffer_limits(high=CLIENT_BUFFER)
         ident = next(self._ids)
         try:
-            info = connection_info(sock, listen_port, transport.get_extra_info("sockname"),
-                                   transport.get_extra_info("peername"))
+            info = accepted(transport, listen_port)
         except OSError as exc:
             logs.warning("pop3_accept_failed", id=ident, error=str(exc))
             transport.close()

@@ -39,7 +39,7 @@ from aiosmtpd.smtp import Envelope, Session
 from proxies import logs, metrics
 from proxies.config import SmtpConfig
 from proxies.smtp.errors import RemoteProtocolError
-from proxies.smtp.handler import ClientInfo, format_hostport, plain_ip
+from proxies.smtp.handler import ClientInfo, format_hostport
 from proxies.smtp.reply import Reply, ReplyReader
 from proxies.smtp.servercore import (
     NEED_DATA,
@@ -59,7 +59,7 @@ from proxies.smtp.servercore import (
     StartTlsRequest,
     TlsHandshake,
 )
-from proxies.transparent import original_destination
+from proxies.transparent import accepted
 
 # While a hook works (the filter, the queue's fsync) the client may keep sending; beyond this
 # much buffered input we stop reading until the core has consumed it.
@@ -163,13 +163,8 @@ class SmtpConnection(asyncio.Protocol):
             self.transport = transport
             return
         self.transport = transport
-        sock: socket.socket = transport.get_extra_info("socket")
-        peer = transport.get_extra_info("peername")
-        self.client = ClientInfo(plain_ip(peer[0]), peer[1],
-                                 original_destination(sock, self.config.listen_port,
-                                                      transport.get_extra_info("sockname"),
-                                                      peer),
-                                 self.connection_id)
+        info = accepted(transport, self.config.listen_port)
+        self.client = ClientInfo(*info.client, info.onward, self.connection_id)
         if not self.front.gate.admit(self.client.client_address):
             logs.warning("smtp_connection_refused", conn=self.connection_id,
                          client=self.client.client_address, reason="connection limit")
@@ -181,7 +176,7 @@ class SmtpConnection(asyncio.Protocol):
         self._admitted = True
         metrics.current.smtp_connection("accepted")
         self.session = Session(asyncio.get_running_loop())
-        self.session.peer = peer
+        self.session.peer = transport.get_extra_info("peername")
         self.session.mailgate_client = self.client  # type: ignore[attr-defined]
         logs.event("smtp_connect", conn=self.connection_id, client=self.client.client_address,
                    destination=format_hostport(self.client.original_destination))

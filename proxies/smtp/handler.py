@@ -37,7 +37,7 @@ from proxies.smtp.dataframe import (
     normalise_line_endings,
 )
 from proxies.smtp.verify import NOT_VERIFIED_OFF, RecipientVerifier
-from proxies.transparent import original_destination
+from proxies.transparent import accepted
 
 _NOT_LOOKED = object()
 
@@ -97,12 +97,8 @@ class GatewayHandler:
             # A front end that knows nothing of us (aiosmtpd's own): learn it once, from the
             # transport, as our front end does before its greeting. The port we listen on,
             # not the socket's: under TPROXY that is the client's destination port (25).
-            transport = server.transport
-            sock = transport.get_extra_info("socket")
-            peer = transport.get_extra_info("peername")
-            destination = None if sock is None else original_destination(
-                sock, self.config.listen_port, transport.get_extra_info("sockname"), peer)
-            client = ClientInfo(plain_ip(peer[0]), peer[1], destination, f"{id(server):x}")
+            info = accepted(server.transport, self.config.listen_port)
+            client = ClientInfo(*info.client, info.onward, f"{id(server):x}")
             session.mailgate_client = client  # type: ignore[attr-defined]
         return client
 
