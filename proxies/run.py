@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import faulthandler
 import os
 import pickle
 import signal
@@ -476,6 +477,9 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 def run(config: Config) -> int:
     logs.setup(config.log.level, config.log.format == "json")
+    # `kill -USR2 <master pid>`: every thread's stack to stderr (the log), for a master that
+    # seems stuck; nothing else changes.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     set_egress_mark(config.network.egress_mark)
     try:
         return _run(config)

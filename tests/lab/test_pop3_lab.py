@@ -277,8 +277,11 @@ def _run_in_sender(gateway: Gateway, argv: list[str], env: dict[str, str],
     except subprocess.TimeoutExpired:
         process.kill()
         out, _ = process.communicate()
-        # What the client printed and what the proxy logged meanwhile tell which side hung.
-        events = gateway.log.settle(0.2)[-30:] if gateway.log is not None else []
+        # What the client printed, what the proxy logged meanwhile and where the proxy's
+        # threads are now (its SIGUSR2 stack dump) tell which side hung.
+        if gateway.proxy is not None and gateway.proxy.poll() is None:
+            gateway.proxy.send_signal(signal.SIGUSR2)
+        events = gateway.log.settle(1.0)[-80:] if gateway.log is not None else []
         raise AssertionError(
             f"{shlex.join(argv)} did not finish within {timeout:g} s; its output:\n"
             f"{out.decode(errors='replace')}\nthe proxy's last events:\n"
