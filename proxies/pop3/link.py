@@ -3,14 +3,13 @@
 Why not asyncio streams: a StreamReader copies every chunk into its own buffer, and each
 response then costs the session a task switch per read; at 5 KB messages that was half the
 proxy's time. Here `data_received` feeds the codec's reader (`proxies.pop3.codec`) and then
-calls the session back (`listener`), so the relay of a plain command and its response runs in
-the callbacks with no task switch; the session's coroutine waits on `wait_data()` only for
-the exchanges it steps into (AUTH, STLS, CAPA, a scanned RETR).
+calls the session back (`listener`), so the session's layer (`proxies.pop3.layer`) is
+stepped in the callback, with no task switch.
 
 Flow control bounds memory both ways: a reader whose codec holds more than `max_buffer`
 unread octets stops reading from its socket until the session has taken them (`consumed`),
-and a link whose transport is over its high-water mark says so (`write_paused`, `drain`),
-which the session answers by not reading the other side.
+and a link whose transport is over its high-water mark says so (`write_paused`, `on_paused`,
+`on_writable`), which the session answers by not reading the other side.
 """
 
 from __future__ import annotations
@@ -46,12 +45,12 @@ class Link(asyncio.Protocol):
         # path), and when the transport can take writes again.
         self.listener: Callable[[], None] | None = None
         self.on_writable: Callable[[], None] | None = None
+        self.on_paused: Callable[[], None] | None = None
         # Passthrough (TLS relayed end to end): bytes bypass the codec and go here.
         self.raw: Callable[[bytes], None] | None = None
         self.raw_eof: Callable[[], None] | None = None
         self._on_made = on_made
         self._data_waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
 
     # --- asyncio's callbacks ------------------------------------------------------------------
 
@@ -90,19 +89,15 @@ class Link(asyncio.Protocol):
                 self.raw_eof()
             else:
                 self.reader.receive_data(b"")
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("connection lost"))
         self._changed()
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.on_paused is not None:
+            self.on_paused()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
         if self.on_writable is not None:
             self.on_writable()
 
@@ -144,17 +139,6 @@ class Link(asyncio.Protocol):
         waiter = asyncio.get_running_loop().create_future()
         self._data_waiter = waiter
         async with asyncio.timeout_at(deadline):
-            await waiter
-
-    async def drain(self, timeout: float) -> None:
-        """Until the transport is below its high-water mark (TimeoutError after `timeout`)."""
-        if self.lost:
-            raise ConnectionResetError("connection lost")
-        if not self.write_paused:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drain_waiter = waiter
-        async with asyncio.timeout(timeout):
             await waiter
 
     async def start_tls(self, context: ssl.SSLContext, *, server_side: bool,

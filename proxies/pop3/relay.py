@@ -2,10 +2,9 @@
 command (`route`), a plain command's response on its way from the server to the client
 (`ResponseRelay`), and what the session learns from it (`SessionFacts`).
 
-The session (`proxies.pop3.session`) feeds the server's bytes to its `ServerReader` and asks
-`ResponseRelay.step()` what to pass on; this module decides, the session does the I/O (and the
-timers and flow control). `SessionFacts` is what the relayed exchanges teach: the POP3 state,
-the user (part of the scan cache key) and the UIDLs the server listed.
+The session's layer (`proxies.pop3.layer`) asks `ResponseRelay.step()` what to pass on each
+time the server's reader has new bytes. `SessionFacts` is what the relayed exchanges teach:
+the POP3 state, the user (part of the scan cache key) and the UIDLs the server listed.
 """
 
 from __future__ import annotations
@@ -26,11 +25,6 @@ SERVER_GONE = err("[SYS/TEMP] the mail server closed the connection")
 SERVER_INVALID = err("[SYS/TEMP] the mail server sent an invalid reply")
 
 
-# Commands the proxy steps into, or whose answer ends the session: never relayed from the
-# links' callbacks (the session's fast path), always by its coroutine.
-STEPPED_INTO = frozenset({"STLS", "AUTH", "CAPA", "QUIT"})
-
-
 @dataclass(frozen=True)
 class Route:
     """What becomes of a client's command.
@@ -39,13 +33,12 @@ class Route:
     the wrong state), "relay" (to the server, its response back as it comes), or the
     exchanges the proxy steps into: "stls", "auth" (with an initial mechanism), "fetch" (a
     RETR or TOP to scan), "capa" (the list rewritten). `unknown`: a verb we do not know (an
-    extension), relayed but counted. `fast`: a relay the session may do from its callbacks.
+    extension), relayed but counted.
     """
 
     action: Literal["reply", "relay", "stls", "auth", "fetch", "capa"]
     reply: bytes = b""
     unknown: bool = False
-    fast: bool = False
 
 
 def route(command: Command, state: states.SessionState, scanned: frozenset[str]) -> Route:
@@ -67,8 +60,7 @@ def route(command: Command, state: states.SessionState, scanned: frozenset[str])
         return Route("fetch")
     if verb == "CAPA":
         return Route("capa")
-    # A known verb that passed `check` is valid now: the callbacks may relay it.
-    return Route("relay", unknown=unknown, fast=not unknown and verb not in STEPPED_INTO)
+    return Route("relay", unknown=unknown)
 
 
 def client_capabilities(body: bytes, tls_mode: str, offer_stls: bool) -> bytes:

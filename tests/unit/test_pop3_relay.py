@@ -135,25 +135,25 @@ A, T = SessionState.AUTHORIZATION, SessionState.TRANSACTION
 SCANNED = frozenset({"RETR"})
 
 
-@pytest.mark.parametrize(("state", "line", "action", "fast", "unknown"), [
-    (A, b"USER alice\r\n", "relay", True, False),
-    (A, b"CAPA\r\n", "capa", False, False),
-    (A, b"STLS\r\n", "stls", False, False),
-    (A, b"AUTH PLAIN\r\n", "auth", False, False),
-    (A, b"AUTH\r\n", "relay", False, False),  # the mechanism list: relayed by the coroutine
-    (A, b"QUIT\r\n", "relay", False, False),  # ends the session: not from the callbacks
-    (A, b"RETR 1\r\n", "reply", False, False),  # not before authentication
-    (T, b"RETR 1\r\n", "fetch", False, False),  # scanned
-    (T, b"TOP 1 10\r\n", "relay", True, False),  # not scanned unless scan_top
-    (T, b"LIST\r\n", "relay", True, False),
-    (T, b"STLS\r\n", "reply", False, False),  # RFC 2595 4: only before authentication
-    (T, b"XTND XMIT\r\n", "relay", False, True),  # an extension: relayed, counted
-    (T, b"?\r\n", "relay", False, True),
+@pytest.mark.parametrize(("state", "line", "action", "unknown"), [
+    (A, b"USER alice\r\n", "relay", False),
+    (A, b"CAPA\r\n", "capa", False),
+    (A, b"STLS\r\n", "stls", False),
+    (A, b"AUTH PLAIN\r\n", "auth", False),
+    (A, b"AUTH\r\n", "relay", False),  # the mechanism list
+    (A, b"QUIT\r\n", "relay", False),
+    (A, b"RETR 1\r\n", "reply", False),  # not before authentication
+    (T, b"RETR 1\r\n", "fetch", False),  # scanned
+    (T, b"TOP 1 10\r\n", "relay", False),  # not scanned unless scan_top
+    (T, b"LIST\r\n", "relay", False),
+    (T, b"STLS\r\n", "reply", False),  # RFC 2595 4: only before authentication
+    (T, b"XTND XMIT\r\n", "relay", True),  # an extension: relayed, counted
+    (T, b"?\r\n", "relay", True),
 ])
 def test_each_command_has_one_route(state: SessionState, line: bytes, action: str,
-                                    fast: bool, unknown: bool) -> None:
+                                    unknown: bool) -> None:
     decision = route(command(line), state, SCANNED)
-    assert (decision.action, decision.fast, decision.unknown) == (action, fast, unknown)
+    assert (decision.action, decision.unknown) == (action, unknown)
     if action == "reply":
         assert decision.reply.startswith(b"-ERR ")
 

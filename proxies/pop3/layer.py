@@ -1,0 +1,875 @@
+"""One intercepted POP3 connection as a sans-I/O layer: events in, commands out, no asyncio.
+
+The driver (`proxies.pop3.session`) owns the sockets, the tasks and the one timer. It puts
+each side's bytes into the layer's readers (`client`, `server`: the codec's), tells the layer
+what happened (`handle(event, now)`) and carries out the commands that come back, in order:
+send to the client or the server, connect, start TLS, scan, quarantine, pass the encrypted
+bytes through, close. `wake_at` is when the layer next needs a `Tick`. Tests drive the layer
+the same way with scripted bytes and times, both peers played by the test.
+
+The conversation itself reads top to bottom (`_session`): it is a generator that yields what
+it waits for (`_Wait`: a side's bytes, the client's transport draining, a result) with the
+deadline after which the wait fails, and is resumed by `handle`. Nothing in it does I/O.
+
+What the layer does (RFC 1939, 2449, 2595, 5034): most commands and responses are relayed as
+they are; the proxy steps in for
+
+- RETR and TOP (TOP unless scan_top = false): the message is taken whole from the server
+  (`Spool`: memory, then a temporary file), scanned, and the client gets the original, a tagged
+  copy, a notice, or -ERR [SYS/TEMP] (`policy.decide`); `Keepalive` keeps a slow one alive;
+- CAPA: STLS is shown or hidden by the TLS mode; the rest is the server's list;
+- STLS: "terminate" answers it here and does TLS with the gateway's certificate, the server
+  connection having been upgraded right after its greeting when it offers STLS;
+  "passthrough" relays it and then the encrypted bytes, unscanned (logged); "strip" hides it;
+- commands a state does not allow (`states.check`): answered here with -ERR.
+
+A client that pipelines (RFC 2449 6.6) is served in order: the next command is taken only once
+the response before it is complete. Whatever goes wrong on one side, the other gets a -ERR when
+one can still be sent, or a closed connection; the proxy never sends QUIT for a client (RFC
+1939 6: only the client's QUIT deletes messages) and never logs credentials.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from proxies import logs, metrics
+from proxies.mail.headers import Header, parse_header
+from proxies.pop3 import rewrite, states
+from proxies.pop3.cache import CacheKey, ScanCache
+from proxies.pop3.codec import (
+    BodyData,
+    BodyEnd,
+    ClientReader,
+    Closed,
+    Command,
+    DotStuffer,
+    NeedData,
+    SaslLine,
+    ServerEvent,
+    ServerReader,
+    Status,
+    multiline,
+)
+from proxies.pop3.config import Pop3Config
+from proxies.pop3.errors import RemoteProtocolError, err
+from proxies.pop3.keepalive import Keepalive
+from proxies.pop3.policy import decide
+from proxies.pop3.relay import (
+    SERVER_GONE,
+    SERVER_INVALID,
+    AuthExchange,
+    RelayFailed,
+    ResponseRelay,
+    SessionFacts,
+    client_capabilities,
+    route,
+)
+from proxies.pop3.spool import Spool
+from proxies.scan.api import ScanResult
+from proxies.transparent import Address
+
+__all__ = [
+    "CHUNK", "CancelScan", "ClientLost", "ClientPaused", "ClientReadable", "ClientWritable",
+    "Close", "Connect", "ConnectFailed", "Connected", "Passthrough", "Pop3Layer", "Quarantine",
+    "QuarantineDone", "Scan", "ScanDone", "SendClient", "SendServer", "ServerReadable",
+    "StartTls", "Tick", "TlsDone",
+]
+
+CHUNK = 1 << 20  # content written to the client between two waits for its transport to drain
+MAX_UNKNOWN_COMMANDS = 20
+MAX_CAPA_SIZE = 64 * 1024
+
+SERVER_SILENT = err("[SYS/TEMP] the mail server did not answer in time")
+UNREACHABLE = err("[SYS/TEMP] cannot reach the mail server")
+TLS_FAILED = err("[SYS/TEMP] TLS with the mail server failed")
+
+Side = Literal["client", "server"]
+
+
+# --- events: what the driver tells the layer ----------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientReadable:
+    """New bytes (or the EOF) are in the client reader."""
+
+
+@dataclass(frozen=True)
+class ServerReadable:
+    """New bytes (or the EOF, or the loss) are in the server reader."""
+
+
+@dataclass(frozen=True)
+class ClientLost:
+    """The client's connection is gone: nothing more can reach it."""
+
+
+@dataclass(frozen=True)
+class ClientPaused:
+    """The client's transport is over its high-water mark: the client is not reading."""
+
+
+@dataclass(frozen=True)
+class ClientWritable:
+    """The client's transport has room (after a pause, or when the layer waits to flush)."""
+
+
+@dataclass(frozen=True)
+class Connected:
+    pass
+
+
+@dataclass(frozen=True)
+class ConnectFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class TlsDone:
+    side: Side
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ScanDone:
+    result: ScanResult
+
+
+@dataclass(frozen=True)
+class QuarantineDone:
+    quarantine_id: str | None  # None: the store failed (it has logged why)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """`wake_at` has come."""
+
+
+Event = (ClientReadable | ServerReadable | ClientLost | ClientPaused | ClientWritable | Connected
+         | ConnectFailed | TlsDone | ScanDone | QuarantineDone | Tick)
+
+
+# --- commands: what the layer asks the driver to do ---------------------------------------------
+
+@dataclass(frozen=True)
+class SendClient:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendServer:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Connect to the destination; answer Connected or ConnectFailed."""
+
+
+@dataclass(frozen=True)
+class StartTls:
+    """TLS on one side (ours towards the client, a client's towards the server); TlsDone."""
+
+    side: Side
+
+
+@dataclass(frozen=True)
+class Scan:
+    content: bytes
+
+
+@dataclass(frozen=True)
+class CancelScan:
+    pass
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    content: bytes
+    result: ScanResult
+    origin: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """From now on relay the bytes both ways as they are (TLS end to end), until both sides
+    have ended or neither has sent for client_timeout; the layer is done."""
+
+
+@dataclass(frozen=True)
+class Close:
+    """End the session: `reply` (if any) goes to the client first; `error` is for the log."""
+
+    error: str | None = None
+    reply: bytes | None = None
+
+
+Command_ = (SendClient | SendServer | Connect | StartTls | Scan | CancelScan | Quarantine
+            | Passthrough | Close)
+
+
+class _Abort(Exception):
+    def __init__(self, reason: str, reply: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+
+
+class _Timeout:
+    """What a wait with no `abort` gets when its deadline comes."""
+
+
+TIMEOUT = _Timeout()
+
+WaitKind = Literal["client", "server", "writable", "flush", "connect", "tls", "scan",
+                   "quarantine"]
+_RESULTS: dict[type, WaitKind] = {Connected: "connect", ConnectFailed: "connect",
+                                  TlsDone: "tls", ScanDone: "scan", QuarantineDone: "quarantine"}
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """What the conversation waits for, until `deadline` (loop time; None: no limit). At the
+    deadline `abort` ends the session, or, if None, the conversation gets TIMEOUT. `stalls`: a
+    wait for the server's bytes that the client's pause holds up (the driver stops reading the
+    server while the client does not read), so the client's timeout applies meanwhile."""
+
+    kind: WaitKind
+    deadline: float | None = None
+    abort: _Abort | None = None
+    stalls: bool = False
+
+
+Conversation = Generator[_Wait, Any, None]
+
+
+def _command(line: str) -> Command:
+    verb, _, argument = line.partition(" ")
+    return Command(verb, argument.encode(), line.encode() + b"\r\n")
+
+
+@dataclass
+class _Held:
+    """A RETR/TOP response being held back: the server's status line, the keep-alive clock,
+    and the stuffer that keeps the client's byte stream consistent across both."""
+
+    status: bytes
+    keepalive: Keepalive
+    stuffer: DotStuffer
+
+
+@dataclass(frozen=True)
+class LayerSetup:
+    """What one session's layer is given: the proxy's settings and this connection's facts."""
+
+    config: Pop3Config
+    ident: int
+    client: Address
+    destination: Address
+    cache: ScanCache
+    hostname: str
+    scanning: bool  # a scanner is configured
+    quarantining: bool  # replaced originals are kept
+    our_certificate: bool  # terminate mode has a certificate to offer STLS with
+
+
+class Pop3Layer:
+    def __init__(self, setup: LayerSetup, client: ClientReader | None = None,
+                 now: float = 0.0) -> None:
+        self.setup = setup
+        self.config = setup.config
+        self.client = client if client is not None else ClientReader()
+        self.server = ServerReader()
+        self.facts = SessionFacts()  # state, user and UIDLs, learnt from what is relayed
+        self.now = now
+        self.started = now
+        self.client_tls = False
+        self.server_tls = False
+        self.server_offers_stls = False
+        self.passthrough = False
+        self.client_paused = False
+        self.paused_since = now
+        self.messages = 0
+        self.unknown_commands = 0
+        self.scanned = frozenset(({"RETR", "TOP"} if self.config.scan_top else {"RETR"})
+                                 if setup.scanning else ())
+        self.finished = False
+        self._out: list[Command_] = []
+        self._wait: _Wait | None = None
+        self._conversation = self._session()
+
+    # --- the driver's side ----------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Command_]:
+        self.now = self.started = self.paused_since = now
+        self._out = []
+        self._resume(None)
+        return self._out
+
+    def handle(self, event: Event, now: float) -> list[Command_]:
+        self.now = now
+        out = self._out = []
+        wait = self._wait
+        if wait is None:
+            return out
+        kind = _RESULTS.get(type(event))
+        if kind is not None:
+            # Asked for by the last step, so awaited now; anything else is stale (a scan the
+            # layer gave up on) and must not pass for a later one's result.
+            if wait.kind == kind:
+                self._resume(event)
+            return out
+        if isinstance(event, ServerReadable):
+            if wait.kind == "server":
+                self._resume(event)
+            elif self.server.state == "idle" and self.server.buffered:
+                # Nothing was asked: a server talking out of turn is broken or hostile, and
+                # its bytes must not pass for the answer to the client's next command.
+                self._throw(_Abort("the server sent data nobody asked for", SERVER_INVALID))
+        elif isinstance(event, ClientReadable):
+            if wait.kind == "client":
+                self._resume(event)
+        elif isinstance(event, ClientPaused):
+            if not self.client_paused:
+                self.client_paused = True
+                self.paused_since = now
+        elif isinstance(event, ClientWritable):
+            self.client_paused = False
+            if wait.kind in ("writable", "flush") or wait.stalls:
+                self._resume(event)
+        elif isinstance(event, ClientLost):
+            if wait.kind == "client":
+                self._resume(event)  # the reader has the EOF
+            else:
+                self._throw(_Abort("the client closed the connection"))
+        elif isinstance(event, Tick):
+            deadline, abort = self._deadline(wait)
+            if deadline is not None and now >= deadline:
+                if abort is not None:
+                    self._throw(abort)
+                else:
+                    self._resume(TIMEOUT)
+        return out
+
+    @property
+    def wake_at(self) -> float | None:
+        wait = self._wait
+        return None if wait is None else self._deadline(wait)[0]
+
+    @property
+    def waiting(self) -> WaitKind | None:
+        return None if self._wait is None else self._wait.kind
+
+    @property
+    def state(self) -> states.SessionState:
+        return self.facts.state
+
+    @property
+    def user(self) -> str | None:
+        return self.facts.user
+
+    def close(self) -> None:
+        """The session is over however it ended: release what the conversation holds."""
+        self._conversation.close()
+        self._wait = None
+
+    # --- running the conversation ---------------------------------------------------------------
+
+    def _deadline(self, wait: _Wait) -> tuple[float | None, _Abort | None]:
+        if wait.stalls and self.client_paused:
+            return (self.paused_since + self.config.client_timeout,
+                    _Abort("the client stopped reading"))
+        return wait.deadline, wait.abort
+
+    def _resume(self, value: object) -> None:
+        self._run(lambda: self._conversation.send(value))
+
+    def _throw(self, abort: _Abort) -> None:
+        self._run(lambda: self._conversation.throw(abort))
+
+    def _run(self, step: Any) -> None:
+        try:
+            self._wait = step()
+        except StopIteration:
+            self._end(None, None)
+        except _Abort as exc:
+            self._end(exc.reason, exc.reply)
+        except Exception:  # a bug: log it with the session id, end only this session
+            logs.error("pop3_session_crashed", id=self.setup.ident, exc_info=True)
+            self._end("internal error", None)
+
+    def _end(self, error: str | None, reply: bytes | None) -> None:
+        self._wait = None
+        self.finished = True
+        if not self.passthrough or error is not None:
+            self._out.append(Close(error, reply))
+
+    def _emit(self, command: Command_) -> None:
+        self._out.append(command)
+
+    def _to_client(self, data: bytes) -> None:
+        self._out.append(SendClient(data))
+
+    # --- waiting --------------------------------------------------------------------------------
+
+    def _flush(self) -> Conversation:
+        """Until the client's transport has taken what was sent (bounded memory)."""
+        yield _Wait("flush", self.now + self.config.client_timeout,
+                    _Abort("the client stopped reading"))
+
+    def _client_event(self) -> Generator[_Wait, Any, Command | SaslLine | Closed]:
+        # RFC 1939 3's autologout counts from our last response: a command trickling in a
+        # byte at a time does not restart it.
+        idle_since = self.now
+        while True:
+            if self.client_paused:  # not reading: no new command until it does
+                yield _Wait("writable", self.paused_since + self.config.client_timeout,
+                            _Abort("the client stopped reading"))
+                continue
+            try:
+                event = self.client.next_event()
+            except RemoteProtocolError as exc:
+                if exc.reply:
+                    self._to_client(exc.reply)
+                    idle_since = self.now
+                continue
+            if not isinstance(event, NeedData):
+                return event
+            yield _Wait("client", idle_since + self.config.client_timeout,
+                        _Abort("client idle: autologout",
+                               err("[SYS/TEMP] autologout: idle for too long")))
+
+    def _server_event(self, held: _Held | None = None) -> Generator[_Wait, Any, ServerEvent]:
+        deadline = self.now + self.config.server_timeout
+        while True:
+            try:
+                event = self.server.next_event()
+            except RemoteProtocolError as exc:
+                raise _Abort(exc.message, exc.reply or SERVER_INVALID) from None
+            if not isinstance(event, NeedData):
+                return event
+            if held is None:
+                yield _Wait("server", deadline,
+                            _Abort("the server did not answer in time", SERVER_SILENT))
+                continue
+            got = yield _Wait("server", min(deadline, held.keepalive.next_due))
+            if got is TIMEOUT:
+                if self.now >= deadline:
+                    raise _Abort("the server did not answer in time", SERVER_SILENT)
+                self._keepalive_tick(held)
+
+    def _server_status(self) -> Generator[_Wait, Any, Status]:
+        event = yield from self._server_event()
+        if isinstance(event, Closed):
+            raise _Abort("the server closed the connection", SERVER_GONE)
+        if not isinstance(event, Status):
+            raise _Abort("the server sent content where a status line belongs", SERVER_INVALID)
+        return event
+
+    def _ask_server(self, command: Command, *,
+                    unstuff: bool = False) -> Generator[_Wait, Any, Status]:
+        self.server.expect(command, unstuff=unstuff)
+        self._emit(SendServer(command.raw))
+        return (yield from self._server_status())
+
+    def _server_body(self, limit: int) -> Generator[_Wait, Any, bytes]:
+        """A (small) multi-line response body, raw."""
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            event = yield from self._server_event()
+            if isinstance(event, BodyData):
+                size += len(event.data)
+                if size > limit:
+                    raise _Abort("the server's response is too long", SERVER_INVALID)
+                pieces.append(event.data)
+            elif isinstance(event, BodyEnd):
+                return b"".join(pieces)
+            else:
+                raise _Abort("the server closed the connection mid-response", SERVER_GONE)
+
+    # --- the conversation -------------------------------------------------------------------------
+
+    def _session(self) -> Conversation:
+        self._emit(Connect())
+        connected = yield _Wait("connect")
+        if isinstance(connected, ConnectFailed):
+            raise _Abort(f"connecting to the server: {connected.reason}", UNREACHABLE)
+        greeting = yield from self._server_status()
+        if not greeting.ok:
+            self._to_client(greeting.raw)
+            raise _Abort("the server refused the session")
+        if self.config.tls in ("terminate", "strip"):
+            yield from self._upgrade_server()
+        self._to_client(greeting.raw)
+        while self.state is not states.SessionState.CLOSED:
+            event = yield from self._client_event()
+            if isinstance(event, Closed):
+                return
+            if isinstance(event, SaslLine):  # cannot happen outside AUTH; be safe
+                continue
+            yield from self._command(event)
+            if self.passthrough:
+                logs.warning("pop3_tls_passthrough", id=self.setup.ident,
+                             server=_where(self.setup.destination),
+                             detail="TLS relayed end to end: this session's mail is not scanned")
+                self._emit(Passthrough())
+                return
+
+    def _command(self, command: Command) -> Conversation:
+        decision = route(command, self.state, self.scanned)
+        if decision.unknown:
+            self.unknown_commands += 1
+            if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
+                raise _Abort("too many unknown commands", err("too many unknown commands"))
+        if decision.action == "reply":
+            self._to_client(decision.reply)
+        elif decision.action == "stls":
+            yield from self._stls(command)
+        elif decision.action == "auth":
+            yield from self._auth(command)
+        elif decision.action == "fetch":
+            yield from self._fetch(command)
+        elif decision.action == "capa":
+            yield from self._capa(command)
+        else:
+            yield from self._relay(command)
+
+    def _relay(self, command: Command) -> Conversation:
+        """The response, passed on as its bytes come: one write per step, so a small response
+        leaves in one segment."""
+        self.server.expect(command)
+        self._emit(SendServer(command.raw))
+        relaying = ResponseRelay(command, self.server, self.facts)
+        active = self.now
+        while True:
+            try:
+                step = relaying.step()
+            except RelayFailed as exc:
+                raise _Abort(exc.reason, exc.reply) from None
+            if step.out:
+                self._to_client(step.out)
+                active = self.now
+            if step.done:
+                return
+            got = yield _Wait("server", active + self.config.server_timeout,
+                              _Abort("the server did not answer in time",
+                                     None if relaying.started else SERVER_SILENT), stalls=True)
+            if isinstance(got, ClientWritable):
+                active = self.now  # the server waited for the client, not the other way
+
+    def _capa(self, command: Command) -> Conversation:
+        status = yield from self._ask_server(command)
+        self.facts.state = states.next_state(self.state, command.verb, status.ok)
+        if not (status.ok and self.server.state == "body"):
+            self._to_client(status.raw)
+            return
+        body = yield from self._server_body(MAX_CAPA_SIZE)
+        offer_stls = (self.config.tls == "terminate" and not self.client_tls
+                      and self.server_offers_stls and self.setup.our_certificate)
+        self._to_client(multiline(status.raw, client_capabilities(
+            body, self.config.tls, offer_stls)))
+
+    # --- TLS ----------------------------------------------------------------------------------
+
+    def _upgrade_server(self) -> Conversation:
+        """STLS towards the server right after its greeting, when it offers it (RFC 2595 4).
+
+        A server that offers STLS and then fails it ends the session: going on in plain text
+        would be the silent downgrade the TLS modes exist to prevent.
+        """
+        status = yield from self._ask_server(_command("CAPA"))
+        if not status.ok:
+            return  # no CAPA (RFC 1939-only server): no STLS either
+        body = yield from self._server_body(MAX_CAPA_SIZE)
+        capabilities = {line.split()[0].upper() for line in body.split(b"\r\n") if line.split()}
+        if b"STLS" not in capabilities:
+            logs.event("pop3_server_without_tls", id=self.setup.ident,
+                       server=_where(self.setup.destination))
+            return
+        self.server_offers_stls = True
+        status = yield from self._ask_server(_command("STLS"))
+        if not status.ok:
+            raise _Abort("the server offered STLS and then refused it", TLS_FAILED)
+        if self.server.take_buffer():
+            raise _Abort("the server sent plaintext after STLS", SERVER_INVALID)
+        self._emit(StartTls("server"))
+        done: TlsDone = yield _Wait("tls")
+        if done.error is not None:
+            raise _Abort(f"TLS with the server failed: {done.error}", TLS_FAILED)
+        self.server_tls = True
+
+    def _stls(self, command: Command) -> Conversation:
+        mode = self.config.tls
+        if mode == "passthrough":
+            status = yield from self._ask_server(command)
+            self._to_client(status.raw)
+            if status.ok:
+                self.passthrough = True
+            return
+        if (mode == "strip" or self.client_tls or not self.server_offers_stls
+                or not self.setup.our_certificate):
+            self._to_client(err("STLS not available" if not self.client_tls
+                                else "already using TLS"))
+            return
+        if self.client.buffered:
+            # RFC 2595 4: nothing may follow STLS before the handshake; plaintext that does
+            # would be read as if it came over TLS (command injection).
+            raise _Abort("the client sent data after STLS before the TLS handshake",
+                         err("nothing may follow STLS before the TLS handshake"))
+        self._to_client(b"+OK Begin TLS negotiation now\r\n")
+        self._emit(StartTls("client"))
+        done: TlsDone = yield _Wait("tls")
+        if done.error is not None:
+            raise _Abort(f"TLS with the client failed: {done.error}")
+        self.client_tls = True
+
+    # --- AUTH -----------------------------------------------------------------------------------
+
+    def _auth(self, command: Command) -> Conversation:
+        """A SASL exchange (RFC 5034), relayed line by line; the lines are never logged."""
+        exchange = AuthExchange(command, self.facts)
+        status = yield from self._ask_server(command)
+        while status.kind == "continue":
+            self._to_client(status.raw)
+            self.client.expect_sasl()
+            event = yield from self._client_event()
+            if not isinstance(event, SaslLine):
+                raise _Abort("the client left during AUTH")
+            exchange.client_line(event.data)
+            self._emit(SendServer(event.raw))
+            status = yield from self._server_status()
+        exchange.finished(status)
+        self._to_client(status.raw)
+
+    # --- RETR and TOP -----------------------------------------------------------------------------
+
+    def _cache_key(self, command: Command) -> Generator[_Wait, Any, CacheKey | None]:
+        arguments = command.arguments
+        if not self.setup.cache.enabled or self.user is None or not arguments:
+            return None
+        number = arguments[0]
+        if not number.isdigit():
+            return None
+        if number not in self.facts.uidls:
+            status = yield from self._ask_server(_command(f"UIDL {number.decode()}"))
+            if not status.ok:
+                return None
+            self.facts.learn_uidl(status.text)
+            if number not in self.facts.uidls:
+                return None
+        scope = "RETR" if command.verb == "RETR" else "TOP " + b" ".join(arguments[1:]).decode()
+        return CacheKey(self.setup.destination, self.user, self.facts.uidls[number], scope)
+
+    def _fetch(self, command: Command) -> Conversation:
+        key = yield from self._cache_key(command)
+        status = yield from self._ask_server(command, unstuff=True)
+        if not (status.ok and self.server.state == "body"):
+            self._to_client(status.raw)
+            return
+        started = self.now
+        held = _Held(status.raw, Keepalive(started, self.config.keepalive_after,
+                                           self.config.keepalive_interval), DotStuffer())
+        spool = Spool(self.config.spool_threshold, self.config.spool_dir)
+        try:
+            yield from self._fetch_spooled(command, key, held, spool, started)
+        except _Abort as exc:
+            if held.keepalive.status_sent:
+                # Too late for -ERR: end without the final "." (an incomplete download).
+                raise _Abort(exc.reason) from None
+            raise
+        finally:
+            spool.close()
+
+    def _fetch_spooled(self, command: Command, key: CacheKey | None, held: _Held,
+                       spool: Spool, started: float) -> Conversation:
+        header: Header | None = None
+        while True:
+            event = yield from self._server_event(held)
+            if isinstance(event, BodyData):
+                if spool.size + len(event.data) > self.config.max_scan_size:
+                    # It will not be scanned whatever comes, so nothing more need wait, and
+                    # the spool (and the disk under it) never holds more than max_scan_size,
+                    # even if the response never ends, as a hostile server's may not.
+                    yield from self._oversize(command, held, spool, event.data, started)
+                    return
+                spool.write(event.data)
+                if header is None and spool.size - len(event.data) < rewrite.HEADER_LIMIT:
+                    header = parse_header(spool.head(rewrite.HEADER_LIMIT), False)
+                    if header is not None:
+                        held.keepalive.offer(header.data[:rewrite.trace_length(header)])
+            elif isinstance(event, BodyEnd):
+                break
+            else:
+                raise _Abort("the server closed the connection mid-message", SERVER_GONE)
+        if header is None:
+            header = parse_header(spool.head(rewrite.HEADER_LIMIT),
+                                  spool.size <= rewrite.HEADER_LIMIT)
+        if header is None:
+            header = Header(b"", 0, b"\r\n", ())
+        cache = self.setup.cache
+        cached = cache.get(key) if key is not None else None
+        quarantine_id = cached.quarantine_id if cached else None
+        if cached is not None:
+            result: ScanResult | None = cached.result
+        else:
+            result = yield from self._scan(spool.getvalue(), held)
+        outcome = decide(result, self.config)
+        tempfail_reason = ("message too large to scan" if result is None or result.oversize
+                           else "content scanner failed")
+        if outcome == "replace" and quarantine_id is None and self.setup.quarantining:
+            assert result is not None
+            self._emit(Quarantine(spool.getvalue(), result, self._origin(command)))
+            stored: QuarantineDone = yield _Wait("quarantine")
+            if stored.quarantine_id is None:
+                # As SMTP answers 451: a notice would tell the client the message is gone
+                # while its original is nowhere, so the message stays on the server instead.
+                outcome, tempfail_reason = "tempfail", "quarantine write failed"
+            quarantine_id = stored.quarantine_id
+        if key is not None and result is not None and cached is None:
+            cache.put(key, result, quarantine_id)
+        self.messages += 1
+        fields: dict[str, Any] = {
+            "id": self.setup.ident, "command": command.loggable(), "size": spool.size,
+            "verdict": "oversize" if result is None else result.verdict, "action": outcome,
+            "cached": cached is not None, "spooled": spool.on_disk,
+            "seconds": round(self.now - started, 3)}
+        if result is not None and result.virus:
+            fields["virus"] = result.virus
+        if result is not None and result.reason:
+            fields["reason"] = result.reason
+        if quarantine_id:
+            fields["quarantine"] = quarantine_id
+        logs.event("pop3_message", **fields)
+        metrics.current.pop3_retrieval(outcome, fields["verdict"])
+        if outcome == "tempfail":
+            if held.keepalive.status_sent:
+                # Too late for -ERR: an incomplete download instead.
+                raise _Abort(tempfail_reason)
+            # The whole response was read, so the session goes on; the message stays.
+            self._to_client(err(f"[SYS/TEMP] message temporarily unavailable "
+                                f"({tempfail_reason}), try again later"))
+            return
+        pieces = rewrite.retrieved(outcome, header, result, spool,
+                                   subject_prefix=self.config.subject_prefix,
+                                   sent_early=held.keepalive.sent,
+                                   quarantine_id=quarantine_id, hostname=self.setup.hostname)
+        yield from self._deliver(held, pieces)
+
+    def _origin(self, command: Command) -> dict[str, str]:
+        client, server = self.setup.client, self.setup.destination
+        return {"client_address": client[0], "client_port": str(client[1]),
+                "server_host": server[0], "server_port": str(server[1]),
+                "user": self.user or "", "command": command.loggable()}
+
+    def _oversize(self, command: Command, held: _Held, spool: Spool, pending: bytes,
+                  started: float) -> Conversation:
+        """The message passed max_scan_size while it arrived: [pop3] oversize_action, now.
+
+        `pending`: the piece that did not fit. "pass": what is spooled and `pending` go to the
+        client and the rest is relayed as it comes, so the proxy holds at most max_scan_size
+        of it. "tempfail": -ERR [SYS/TEMP] (or, after an early status line, a close without
+        the final "."), and the session ends: the rest of the response would have to be read
+        to go on, and it may never end. The client never sent QUIT, so the message stays on
+        the server either way.
+        """
+        outcome = decide(None, self.config)
+        fields: dict[str, Any] = {
+            "id": self.setup.ident, "command": command.loggable(), "verdict": "oversize",
+            "action": outcome, "cached": False, "spooled": spool.on_disk}
+        if outcome == "tempfail":
+            self.messages += 1
+            logs.event("pop3_message", size=spool.size + len(pending), **fields,
+                       seconds=round(self.now - started, 3))
+            metrics.current.pop3_retrieval(outcome, "oversize")
+            raise _Abort("message too large to scan", err(
+                "[SYS/TEMP] message temporarily unavailable (message too large to scan), "
+                "try again later"))
+        size = spool.size + len(pending)
+        yield from self._deliver(held, itertools.chain(spool.chunks(), [pending]), end=False)
+        spool.close()
+        out: list[bytes] = []
+        buffered = 0
+        while True:
+            try:
+                event = self.server.next_event()
+            except RemoteProtocolError as exc:
+                raise _Abort(exc.message) from None
+            if isinstance(event, NeedData):
+                if out:
+                    self._to_client(b"".join(out))
+                    out.clear()
+                    buffered = 0
+                yield _Wait("server", self.now + self.config.server_timeout,
+                            _Abort("the server did not answer in time"), stalls=True)
+                continue
+            if isinstance(event, BodyData):
+                size += len(event.data)
+                out.append(held.stuffer.send(event.data))
+                buffered += len(event.data)
+                if buffered >= CHUNK:
+                    self._to_client(b"".join(out))
+                    out.clear()
+                    buffered = 0
+                    yield from self._flush()
+            elif isinstance(event, BodyEnd):
+                break
+            else:
+                # The status line has gone: a close without the final "." is all that is left.
+                raise _Abort("the server closed the connection mid-message")
+        out.append(held.stuffer.end())
+        self._to_client(b"".join(out))
+        self.messages += 1
+        logs.event("pop3_message", size=size, **fields, seconds=round(self.now - started, 3))
+        metrics.current.pop3_retrieval(outcome, "oversize")
+
+    def _deliver(self, held: _Held, pieces: Iterable[bytes], *, end: bool = True) -> Conversation:
+        out = [] if held.keepalive.status_sent else [held.status]
+        size = 0
+        skip = held.keepalive.sent  # sent early; every outcome starts with these bytes
+        for piece in pieces:
+            if skip:
+                cut = min(skip, len(piece))
+                piece, skip = piece[cut:], skip - cut
+            if piece:
+                out.append(held.stuffer.send(piece))
+                size += len(piece)
+                if size >= CHUNK:
+                    self._to_client(b"".join(out))
+                    out.clear()
+                    size = 0
+                    held.keepalive.status_sent = True
+                    yield from self._flush()
+        if end:
+            out.append(held.stuffer.end())
+        self._to_client(b"".join(out))
+        held.keepalive.status_sent = True  # what follows is past any -ERR
+
+    def _keepalive_tick(self, held: _Held) -> None:
+        step = held.keepalive.due(self.now)
+        if step is None:
+            return
+        if step.send_status:
+            self._to_client(held.status)
+            logs.event("pop3_keepalive", id=self.setup.ident, detail="status line sent early")
+        if step.content:
+            self._to_client(held.stuffer.send(step.content))
+
+    def _scan(self, content: bytes, held: _Held) -> Generator[_Wait, Any, ScanResult]:
+        self._emit(Scan(content))
+        deadline = self.now + self.config.scan_timeout
+        while True:
+            got = yield _Wait("scan", min(deadline, held.keepalive.next_due))
+            if isinstance(got, ScanDone):
+                return got.result
+            if self.now >= deadline:
+                self._emit(CancelScan())
+                return ScanResult("failed", reason="scan timed out", timed_out=True)
+            self._keepalive_tick(held)
+
+
+def _where(address: Address) -> str:
+    return f"[{address[0]}]:{address[1]}"

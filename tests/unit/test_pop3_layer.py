@@ -1,0 +1,643 @@
+"""The POP3 proxy's layer in whole conversations, with no sockets and no event loop: the test
+plays the client, the server, the scanner, the quarantine and the clock, and checks what the
+layer sends each of them and when."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from proxies.pop3.cache import ScanCache
+from proxies.pop3.config import Pop3Config
+from proxies.pop3.layer import (
+    CHUNK,
+    CancelScan,
+    ClientLost,
+    ClientPaused,
+    ClientReadable,
+    ClientWritable,
+    Close,
+    Command_,
+    Connect,
+    Connected,
+    ConnectFailed,
+    Event,
+    LayerSetup,
+    Passthrough,
+    Pop3Layer,
+    Quarantine,
+    QuarantineDone,
+    Scan,
+    ScanDone,
+    SendClient,
+    SendServer,
+    ServerReadable,
+    StartTls,
+    Tick,
+    TlsDone,
+)
+from proxies.pop3.states import SessionState
+from proxies.scan.api import ScanResult
+from tests.unit.test_pop3_support import message, stuff
+
+GREETING = b"+OK Dovecot ready.\r\n"
+CAPA_WITH_STLS = b"+OK\r\nTOP\r\nUIDL\r\nSTLS\r\nPIPELINING\r\nSASL PLAIN\r\n.\r\n"
+CLEAN = ScanResult("clean", scanners=("clamd",))
+SPAM = ScanResult("spam", score=1000.0, threshold=5.0, rules=("GTUBE",), scanners=("spamd",))
+VIRUS = ScanResult("virus", virus="Eicar-Test-Signature", scanners=("clamd",))
+FAILED = ScanResult("failed", reason="clamd: connection refused")
+
+
+class Script:
+    """One session's layer and its peers, played by the test (TLS passthrough unless told:
+    the server connection is not upgraded first). What the layer sends each peer
+    collects until the test takes it; the other commands too. Like the driver, it answers a
+    wait to flush at once unless the test says the client is not reading."""
+
+    def __init__(self, *, scanning: bool = False, quarantining: bool = True,
+                 certificate: bool = False, cache_ttl: float = 0.0, **config: Any) -> None:
+        settings = replace(Pop3Config(), tls=config.pop("tls", "passthrough"), **config)
+        self.layer = Pop3Layer(LayerSetup(
+            config=settings, ident=1, client=("192.0.2.10", 40000),
+            destination=("198.51.100.20", 110), cache=ScanCache(cache_ttl),
+            hostname="gw.example", scanning=scanning, quarantining=quarantining,
+            our_certificate=certificate))
+        self.now = 0.0
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.commands: list[Command_] = []
+        self.paused = False
+        self._apply(self.layer.start(self.now))
+
+    def _apply(self, commands: list[Command_]) -> None:
+        for command in commands:
+            if isinstance(command, SendClient):
+                self.to_client += command.data
+            elif isinstance(command, SendServer):
+                self.to_server += command.data
+            else:
+                self.commands.append(command)
+        if self.layer.waiting == "flush" and not self.paused:
+            self._apply(self.layer.handle(ClientWritable(), self.now))
+
+    def event(self, event: Event) -> None:
+        self._apply(self.layer.handle(event, self.now))
+
+    def client(self, data: bytes) -> None:
+        self.layer.client.receive_data(data)
+        self.event(ClientReadable())
+
+    def server(self, data: bytes, piece: int = 0) -> None:
+        """The server's bytes, at once or in pieces of `piece` bytes."""
+        step = piece or max(len(data), 1)
+        for start in range(0, max(len(data), 1), step):
+            self.layer.server.receive_data(data[start:start + step])
+            self.event(ServerReadable())
+
+    def at(self, when: float) -> None:
+        self.now = when
+        self.event(Tick())
+
+    def took_client(self) -> bytes:
+        data = bytes(self.to_client)
+        self.to_client.clear()
+        return data
+
+    def took_server(self) -> bytes:
+        data = bytes(self.to_server)
+        self.to_server.clear()
+        return data
+
+    def took(self) -> list[Command_]:
+        commands, self.commands = self.commands, []
+        return commands
+
+    def connected(self, greeting: bytes = GREETING) -> None:
+        assert self.took() == [Connect()]
+        self.event(Connected())
+        self.server(greeting)
+
+    def logged_in(self) -> None:
+        self.connected()
+        assert self.took_client() == GREETING
+        self.exchange(b"USER alice\r\n", b"+OK\r\n")
+        self.exchange(b"PASS secret\r\n", b"+OK Logged in.\r\n")
+        assert self.layer.state is SessionState.TRANSACTION
+
+    def exchange(self, command: bytes, response: bytes) -> bytes:
+        """A command relayed as it is, its response likewise; what the client got."""
+        self.client(command)
+        assert self.took_server() == command
+        self.server(response)
+        got = self.took_client()
+        assert got == response
+        return got
+
+    @property
+    def closed(self) -> Close | None:
+        closes = [c for c in self.commands if isinstance(c, Close)]
+        return closes[-1] if closes else None
+
+
+def retr_response(content: bytes) -> bytes:
+    return b"+OK %d octets\r\n" % len(content) + stuff(content) + b".\r\n"
+
+
+# --- the start of a session -------------------------------------------------------------------
+
+def test_greeting_reaches_the_client_only_once_the_server_has_sent_it() -> None:
+    script = Script()
+    assert script.took() == [Connect()]
+    assert script.took_client() == b""
+    script.event(Connected())
+    assert script.took_client() == b""
+    script.server(GREETING[:5])
+    assert script.took_client() == b""
+    script.server(GREETING[5:])
+    assert script.took_client() == GREETING
+
+
+def test_an_unreachable_server_gives_the_client_a_temporary_error() -> None:
+    script = Script()
+    script.event(ConnectFailed("Connection refused"))
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert close.reply.startswith(b"-ERR [SYS/TEMP]")
+    assert "Connection refused" in (close.error or "")
+
+
+def test_a_refusing_server_greeting_is_passed_on_and_ends_the_session() -> None:
+    script = Script()
+    script.connected(b"-ERR [SYS/TEMP] too busy\r\n")
+    assert script.took_client() == b"-ERR [SYS/TEMP] too busy\r\n"
+    assert script.closed == Close("the server refused the session", None)
+
+
+def test_a_silent_server_times_out_with_a_temporary_error() -> None:
+    script = Script(server_timeout=30.0)
+    script.took()
+    script.event(Connected())
+    assert script.layer.wake_at == 30.0
+    script.at(29.0)
+    assert script.closed is None
+    script.at(30.0)
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert b"did not answer in time" in close.reply
+
+
+def test_garbage_for_a_greeting_is_refused() -> None:
+    script = Script()
+    script.connected(b"HELLO I AM A WEB SERVER\r\n")
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert close.reply.startswith(b"-ERR [SYS/TEMP]")
+
+
+# --- logging in ----------------------------------------------------------------------------------
+
+def test_user_pass_is_relayed_and_teaches_the_user() -> None:
+    script = Script()
+    script.logged_in()
+    assert script.layer.user == "alice"
+
+
+def test_a_failed_pass_leaves_the_session_unauthenticated() -> None:
+    script = Script()
+    script.connected()
+    script.took_client()
+    script.exchange(b"USER alice\r\n", b"+OK\r\n")
+    script.exchange(b"PASS wrong\r\n", b"-ERR [AUTH] Authentication failed.\r\n")
+    assert script.layer.state is SessionState.AUTHORIZATION
+    assert script.layer.user is None
+
+
+def test_apop_is_relayed() -> None:
+    script = Script()
+    script.connected(b"+OK ready <1896.697170952@dbc.mtview.ca.us>\r\n")
+    script.took_client()
+    script.exchange(b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n", b"+OK maildrop\r\n")
+    assert script.layer.user == "mrose"
+    assert script.layer.state is SessionState.TRANSACTION
+
+
+def test_auth_plain_is_relayed_line_by_line() -> None:
+    script = Script()
+    script.connected()
+    script.took_client()
+    script.client(b"AUTH PLAIN\r\n")
+    assert script.took_server() == b"AUTH PLAIN\r\n"
+    script.server(b"+ \r\n")
+    assert script.took_client() == b"+ \r\n"
+    line = base64.b64encode(b"\0alice\0secret") + b"\r\n"
+    script.client(line)
+    assert script.took_server() == line
+    script.server(b"+OK Logged in.\r\n")
+    assert script.took_client() == b"+OK Logged in.\r\n"
+    assert script.layer.user == "alice"
+    assert script.layer.state is SessionState.TRANSACTION
+
+
+def test_a_command_in_the_wrong_state_is_answered_by_the_proxy() -> None:
+    script = Script()
+    script.connected()
+    script.took_client()
+    script.client(b"RETR 1\r\n")
+    assert script.took_server() == b""
+    assert script.took_client().startswith(b"-ERR")
+
+
+# --- CAPA and STLS -------------------------------------------------------------------------
+
+def upgraded(script: Script) -> None:
+    """The server connection upgraded with STLS after its greeting; the client greeted."""
+    script.took()
+    script.event(Connected())
+    script.server(GREETING)
+    assert script.took_server() == b"CAPA\r\n"
+    script.server(CAPA_WITH_STLS)
+    assert script.took_server() == b"STLS\r\n"
+    script.server(b"+OK Begin TLS\r\n")
+    assert script.took() == [StartTls("server")]
+    assert script.took_client() == b""  # no greeting before the upgrade is done
+    script.event(TlsDone("server"))
+    assert script.took_client() == GREETING
+
+
+@pytest.mark.parametrize(("mode", "certificate", "shows_stls"), [
+    ("terminate", True, True), ("terminate", False, False), ("strip", True, False),
+    ("passthrough", False, True)])
+def test_capa_shows_stls_by_mode(mode: str, certificate: bool, shows_stls: bool) -> None:
+    script = Script(tls=mode, certificate=certificate)
+    if mode == "passthrough":  # the server connection is not upgraded
+        script.connected()
+        assert script.took_client() == GREETING
+    else:
+        upgraded(script)
+    script.client(b"CAPA\r\n")
+    assert script.took_server() == b"CAPA\r\n"
+    script.server(CAPA_WITH_STLS, piece=7)
+    capabilities = script.took_client()
+    assert capabilities.startswith(b"+OK\r\n") and capabilities.endswith(b"\r\n.\r\n")
+    assert (b"\r\nSTLS\r\n" in capabilities) is shows_stls
+    assert b"PIPELINING" in capabilities
+
+
+def test_stls_terminate_does_tls_with_the_client_here() -> None:
+    script = Script(tls="terminate", certificate=True)
+    upgraded(script)
+    script.client(b"STLS\r\n")
+    assert script.took_server() == b""  # the server's TLS is already up
+    assert script.took_client() == b"+OK Begin TLS negotiation now\r\n"
+    assert script.took() == [StartTls("client")]
+    script.event(TlsDone("client"))
+    assert script.layer.client_tls
+    script.client(b"STLS\r\n")
+    assert script.took_client().startswith(b"-ERR already using TLS")
+
+
+def test_plaintext_after_stls_is_refused_not_read_as_if_encrypted() -> None:
+    script = Script(tls="terminate", certificate=True)
+    upgraded(script)
+    script.client(b"STLS\r\nUSER injected\r\n")
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert b"nothing may follow STLS" in close.reply
+    assert not any(isinstance(c, StartTls) for c in script.commands)
+
+
+def test_a_failed_client_handshake_ends_the_session() -> None:
+    script = Script(tls="terminate", certificate=True)
+    upgraded(script)
+    script.client(b"STLS\r\n")
+    script.took()
+    script.event(TlsDone("client", "wrong version number"))
+    assert script.closed == Close("TLS with the client failed: wrong version number", None)
+
+
+def test_a_server_that_offers_stls_and_refuses_it_ends_the_session() -> None:
+    script = Script(tls="strip")
+    script.connected()
+    assert script.took_server() == b"CAPA\r\n"
+    script.server(CAPA_WITH_STLS)
+    assert script.took_server() == b"STLS\r\n"
+    script.server(b"-ERR no\r\n")
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert b"TLS with the mail server failed" in close.reply
+    assert script.took_client() == b""  # not even the greeting: no silent downgrade
+
+
+def test_strip_answers_stls_itself() -> None:
+    script = Script(tls="strip")
+    upgraded(script)
+    script.client(b"STLS\r\n")
+    assert script.took_client().startswith(b"-ERR STLS not available")
+    assert script.took_server() == b""
+
+
+def test_stls_passthrough_hands_the_bytes_over_to_the_driver() -> None:
+    script = Script(tls="passthrough")
+    script.connected()
+    script.took_client()
+    script.client(b"STLS\r\n")
+    assert script.took_server() == b"STLS\r\n"
+    script.server(b"+OK Begin TLS\r\n")
+    assert script.took_client() == b"+OK Begin TLS\r\n"
+    assert script.took() == [Passthrough()]
+    assert script.layer.finished and script.closed is None
+
+
+# --- relaying and pipelining ---------------------------------------------------------------------
+
+def test_pipelined_commands_are_answered_in_order_one_at_a_time() -> None:
+    script = Script()
+    script.logged_in()
+    script.client(b"STAT\r\nLIST\r\nNOOP\r\n")
+    assert script.took_server() == b"STAT\r\n"  # the next waits for this response
+    script.server(b"+OK 2 320\r\n")
+    assert script.took_client() == b"+OK 2 320\r\n"
+    assert script.took_server() == b"LIST\r\n"
+    script.server(b"+OK 2 messages\r\n1 120\r\n", piece=5)
+    assert script.took_server() == b""
+    script.server(b"2 200\r\n.\r\n")
+    assert script.took_client() == b"+OK 2 messages\r\n1 120\r\n2 200\r\n.\r\n"
+    assert script.took_server() == b"NOOP\r\n"
+
+
+def test_retr_is_relayed_unchanged_when_nothing_scans() -> None:
+    script = Script()
+    script.logged_in()
+    content = message("hello", b".leading dot\r\nbody\r\n")
+    response = retr_response(content)
+    script.client(b"RETR 1\r\n")
+    assert script.took_server() == b"RETR 1\r\n"
+    script.server(response, piece=100)
+    assert script.took_client() == response
+
+
+def test_quit_is_relayed_and_ends_the_session() -> None:
+    script = Script()
+    script.logged_in()
+    script.exchange(b"QUIT\r\n", b"+OK Logging out, messages deleted.\r\n")
+    assert script.closed == Close(None, None)
+
+
+def test_a_client_that_leaves_ends_the_session_without_quit() -> None:
+    script = Script()
+    script.logged_in()
+    script.layer.client.receive_data(b"")
+    script.event(ClientReadable())
+    assert script.closed == Close(None, None)
+    assert script.took_server() == b""  # no QUIT on the client's behalf
+
+
+def test_the_server_gone_mid_listing_closes_the_client_without_the_final_dot() -> None:
+    script = Script()
+    script.logged_in()
+    script.client(b"LIST\r\n")
+    script.server(b"+OK 2 messages\r\n1 120\r\n")
+    assert script.took_client() == b"+OK 2 messages\r\n1 120\r\n"
+    script.layer.server.receive_data(b"")
+    script.event(ServerReadable())
+    close = script.closed
+    assert close is not None and close.reply is None
+
+
+def test_server_data_nobody_asked_for_ends_the_session() -> None:
+    script = Script()
+    script.logged_in()
+    script.server(b"+OK surprise\r\n")
+    script.client(b"NOOP\r\n")
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert close.reply.startswith(b"-ERR [SYS/TEMP]")
+
+
+def test_autologout_counts_from_the_last_response() -> None:
+    script = Script(client_timeout=600.0)
+    script.logged_in()
+    script.now = 100.0
+    script.client(b"NO")  # a command trickling in does not restart the clock
+    assert script.layer.wake_at == 600.0
+    script.at(600.0)
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert b"autologout" in close.reply
+
+
+def test_a_client_that_stops_reading_gets_no_new_command_and_times_out() -> None:
+    script = Script(client_timeout=60.0)
+    script.logged_in()
+    script.paused = True
+    script.now = 10.0
+    script.event(ClientPaused())
+    script.client(b"NOOP\r\n")
+    assert script.took_server() == b""  # not taken while it does not read
+    script.at(69.0)
+    assert script.closed is None
+    script.at(70.0)
+    assert script.closed == Close("the client stopped reading", None)
+
+
+def test_a_paused_client_delays_the_server_timeout_of_a_relay() -> None:
+    script = Script(client_timeout=600.0, server_timeout=30.0)
+    script.logged_in()
+    script.client(b"RETR 1\r\n")
+    script.server(b"+OK 100 octets\r\nSubject: x\r\n")
+    script.paused = True
+    script.event(ClientPaused())
+    script.at(100.0)  # the server is not read meanwhile: its silence is not its fault
+    assert script.closed is None
+    script.paused = False
+    script.event(ClientWritable())
+    script.at(129.0)
+    assert script.closed is None
+    script.at(131.0)
+    close = script.closed
+    assert close is not None and close.reply is None  # part of the response went already
+
+
+def test_unknown_commands_are_relayed_but_limited() -> None:
+    script = Script()
+    script.logged_in()
+    for _ in range(20):
+        script.exchange(b"XFOO\r\n", b"-ERR unknown\r\n")
+    script.client(b"XFOO\r\n")
+    close = script.closed
+    assert close is not None and close.reply == b"-ERR too many unknown commands\r\n"
+
+
+# --- RETR and TOP, scanned ----------------------------------------------------------------------
+
+def scanned_retr(script: Script, content: bytes, result: ScanResult | None,
+                 command: bytes = b"RETR 1\r\n") -> bytes:
+    script.logged_in()
+    script.client(command)
+    assert script.took_server() == command
+    script.server(retr_response(content), piece=1000)
+    assert script.took_client() == b""  # nothing before the verdict
+    scans = [c for c in script.took() if isinstance(c, Scan)]
+    assert [s.content for s in scans] == [content]
+    if result is not None:
+        script.event(ScanDone(result))
+    return script.took_client()
+
+
+def test_clean_mail_passes_byte_for_byte() -> None:
+    script = Script(scanning=True)
+    content = message("clean", b".dot\r\nbody\r\n")
+    assert scanned_retr(script, content, CLEAN) == retr_response(content)
+
+
+def test_top_is_scanned_too() -> None:
+    script = Script(scanning=True)
+    content = message("top", b"")
+    assert scanned_retr(script, content, CLEAN, b"TOP 1 0\r\n") == retr_response(content)
+
+
+def test_spam_is_tagged() -> None:
+    script = Script(scanning=True)
+    got = scanned_retr(script, message("offer", b"buy now\r\n"), SPAM)
+    assert got.startswith(b"+OK")
+    assert b"X-Spam-Flag: YES" in got
+    assert b"Subject: [SPAM] offer" in got
+    assert got.endswith(b"\r\n.\r\n")
+
+
+def test_a_virus_is_quarantined_and_replaced_by_a_notice() -> None:
+    script = Script(scanning=True)
+    content = message("infected", b"payload\r\n")
+    assert scanned_retr(script, content, VIRUS) == b""  # not before the original is stored
+    (stored,) = script.took()
+    assert isinstance(stored, Quarantine) and stored.content == content
+    assert stored.origin["user"] == "alice"
+    script.event(QuarantineDone("q-123"))
+    got = script.took_client()
+    assert got.startswith(b"+OK")
+    assert b"payload" not in got and b"Eicar-Test-Signature" in got and b"q-123" in got
+
+
+def test_a_failed_quarantine_write_leaves_the_message_on_the_server() -> None:
+    script = Script(scanning=True)
+    scanned_retr(script, message("infected", b"payload\r\n"), VIRUS)
+    script.took()
+    script.event(QuarantineDone(None))
+    got = script.took_client()
+    assert got.startswith(b"-ERR [SYS/TEMP]") and b"quarantine write failed" in got
+    assert script.closed is None  # the session goes on
+    script.exchange(b"NOOP\r\n", b"+OK\r\n")
+
+
+def test_a_failed_scan_is_a_temporary_error_by_default() -> None:
+    script = Script(scanning=True)
+    got = scanned_retr(script, message("x"), FAILED)
+    assert got.startswith(b"-ERR [SYS/TEMP]") and b"content scanner failed" in got
+
+
+def test_a_failed_scan_passes_under_fail_mode_pass() -> None:
+    script = Script(scanning=True, fail_mode="pass")
+    got = scanned_retr(script, message("x"), FAILED)
+    assert got.startswith(b"+OK") and b"X-Mailgate-Scan" in got
+
+
+def test_a_scan_that_never_answers_times_out_and_is_cancelled() -> None:
+    script = Script(scanning=True, scan_timeout=20.0, keepalive_after=60.0)
+    scanned_retr(script, message("x"), None)
+    script.at(20.0)
+    assert CancelScan() in script.took()
+    assert script.took_client().startswith(b"-ERR [SYS/TEMP]")
+    # A verdict that comes after all is not taken for the next message's.
+    script.event(ScanDone(CLEAN))
+    script.exchange(b"NOOP\r\n", b"+OK\r\n")
+
+
+def test_a_slow_scan_keeps_the_client_alive_with_the_trace_fields() -> None:
+    script = Script(scanning=True, keepalive_after=10.0, keepalive_interval=10.0)
+    content = message("slow", b"body\r\n", trace=2)
+    scanned_retr(script, content, None)
+    script.at(9.9)
+    assert script.took_client() == b""
+    script.at(10.0)
+    status = b"+OK %d octets\r\n" % len(content)
+    assert script.took_client() == status + content[:1]  # the status, then one byte
+    script.at(20.0)
+    assert script.took_client() == content[1:2]
+    script.event(ScanDone(CLEAN))
+    assert script.took_client() == stuff(content)[2:] + b".\r\n"
+
+
+def test_a_scan_failure_after_the_early_status_ends_without_the_final_dot() -> None:
+    script = Script(scanning=True, keepalive_after=10.0)
+    scanned_retr(script, message("slow"), None)
+    script.at(10.0)
+    assert script.took_client().startswith(b"+OK")
+    script.event(ScanDone(FAILED))
+    assert script.took_client() == b""
+    assert script.closed == Close("content scanner failed", None)
+
+
+def test_the_server_gone_mid_message_is_a_temporary_error() -> None:
+    script = Script(scanning=True)
+    script.logged_in()
+    script.client(b"RETR 1\r\n")
+    script.server(b"+OK 300 octets\r\nSubject: x\r\n")
+    script.layer.server.receive_data(b"")
+    script.event(ServerReadable())
+    close = script.closed
+    assert close is not None and close.reply is not None
+    assert close.reply.startswith(b"-ERR [SYS/TEMP]")
+    assert script.took_client() == b""
+
+
+def test_a_message_over_max_scan_size_passes_unscanned_as_it_comes() -> None:
+    script = Script(scanning=True, max_scan_size=1000)
+    content = message("big", b"x" * 70 + b"\r\n" * 1 + (b"y" * 70 + b"\r\n") * 40)
+    script.logged_in()
+    script.client(b"RETR 1\r\n")
+    assert script.took_server() == b"RETR 1\r\n"
+    script.server(retr_response(content), piece=500)
+    assert not any(isinstance(c, Scan) for c in script.took())
+    assert script.took_client() == retr_response(content)
+    script.exchange(b"NOOP\r\n", b"+OK\r\n")
+
+
+def test_a_big_clean_message_goes_out_in_chunks_as_the_client_drains() -> None:
+    script = Script(scanning=True, max_scan_size=4 * CHUNK)
+    content = message("big", (b"z" * 98 + b"\r\n") * (3 * CHUNK // 100))
+    script.paused = True  # the client is slow: each chunk waits for the last to drain
+    first = scanned_retr(script, content, CLEAN)
+    assert 0 < len(first) < len(retr_response(content))
+    script.paused = False
+    script.event(ClientWritable())
+    assert first + script.took_client() == retr_response(content)
+
+
+def test_a_cached_verdict_is_used_for_the_same_message() -> None:
+    script = Script(scanning=True, cache_ttl=3600.0)
+    content = message("again")
+    script.logged_in()
+    for round_ in range(2):
+        script.client(b"RETR 1\r\n")
+        if round_ == 0:
+            assert script.took_server() == b"UIDL 1\r\n"
+            script.server(b"+OK 1 uid-1\r\n")
+        assert script.took_server() == b"RETR 1\r\n"
+        script.server(retr_response(content))
+        scans = [c for c in script.took() if isinstance(c, Scan)]
+        if round_ == 0:
+            assert len(scans) == 1
+            script.event(ScanDone(CLEAN))
+        else:
+            assert scans == []  # the verdict came from the cache
+        assert script.took_client() == retr_response(content)
+
+
+def test_the_client_gone_while_a_message_is_scanned_ends_the_session() -> None:
+    script = Script(scanning=True)
+    scanned_retr(script, message("x"), None)
+    script.event(ClientLost())
+    assert script.closed == Close("the client closed the connection", None)
