@@ -32,7 +32,7 @@ one can still be sent, or a closed connection; the proxy never sends QUIT for a 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,6 +84,14 @@ MAX_UNKNOWN_COMMANDS = 20
 MAX_CAPA_SIZE = 64 * 1024
 
 SERVER_SILENT = err("[SYS/TEMP] the mail server did not answer in time")
+
+# Why a wait fails at its deadline, and what the client is told (made once: a wait is made at
+# every step, its failure rarely).
+Failure = tuple[str, bytes | None]
+STOPPED_READING: Failure = ("the client stopped reading", None)
+AUTOLOGOUT: Failure = ("client idle: autologout", err("[SYS/TEMP] autologout: idle for too long"))
+SERVER_LATE: Failure = ("the server did not answer in time", SERVER_SILENT)
+SERVER_LATE_MIDWAY: Failure = ("the server did not answer in time", None)
 UNREACHABLE = err("[SYS/TEMP] cannot reach the mail server")
 TLS_FAILED = err("[SYS/TEMP] TLS with the mail server failed")
 
@@ -233,13 +241,14 @@ _RESULTS: dict[type, WaitKind] = {Connected: "connect", ConnectFailed: "connect"
 @dataclass(frozen=True)
 class _Wait:
     """What the conversation waits for, until `deadline` (loop time; None: no limit). At the
-    deadline `abort` ends the session, or, if None, the conversation gets TIMEOUT. `stalls`: a
-    wait for the server's bytes that the client's pause holds up (the driver stops reading the
-    server while the client does not read), so the client's timeout applies meanwhile."""
+    deadline `abort` (why, and the client's reply) ends the session, or, if None, the
+    conversation gets TIMEOUT. `stalls`: a wait for the server's bytes that the client's pause
+    holds up (the driver stops reading the server while the client does not read), so the
+    client's timeout applies meanwhile."""
 
     kind: WaitKind
     deadline: float | None = None
-    abort: _Abort | None = None
+    abort: Failure | None = None
     stalls: bool = False
 
 
@@ -349,7 +358,7 @@ class Pop3Layer:
             deadline, abort = self._deadline(wait)
             if deadline is not None and now >= deadline:
                 if abort is not None:
-                    self._throw(abort)
+                    self._throw(_Abort(*abort))
                 else:
                     self._resume(TIMEOUT)
         return out
@@ -378,21 +387,20 @@ class Pop3Layer:
 
     # --- running the conversation ---------------------------------------------------------------
 
-    def _deadline(self, wait: _Wait) -> tuple[float | None, _Abort | None]:
+    def _deadline(self, wait: _Wait) -> tuple[float | None, Failure | None]:
         if wait.stalls and self.client_paused:
-            return (self.paused_since + self.config.client_timeout,
-                    _Abort("the client stopped reading"))
+            return self.paused_since + self.config.client_timeout, STOPPED_READING
         return wait.deadline, wait.abort
 
     def _resume(self, value: object) -> None:
-        self._run(lambda: self._conversation.send(value))
+        self._step(self._conversation.send, value)
 
     def _throw(self, abort: _Abort) -> None:
-        self._run(lambda: self._conversation.throw(abort))
+        self._step(self._conversation.throw, abort)
 
-    def _run(self, step: Any) -> None:
+    def _step(self, how: Callable[[Any], _Wait], value: object) -> None:
         try:
-            self._wait = step()
+            self._wait = how(value)
         except StopIteration:
             self._end(None, None)
         except _Abort as exc:
@@ -417,8 +425,7 @@ class Pop3Layer:
 
     def _flush(self) -> Conversation:
         """Until the client's transport has taken what was sent (bounded memory)."""
-        yield _Wait("flush", self.now + self.config.client_timeout,
-                    _Abort("the client stopped reading"))
+        yield _Wait("flush", self.now + self.config.client_timeout, STOPPED_READING)
 
     def _client_event(self) -> Generator[_Wait, Any, Command | SaslLine | Closed]:
         # RFC 1939 3's autologout counts from our last response: a command trickling in a
@@ -427,7 +434,7 @@ class Pop3Layer:
         while True:
             if self.client_paused:  # not reading: no new command until it does
                 yield _Wait("writable", self.paused_since + self.config.client_timeout,
-                            _Abort("the client stopped reading"))
+                            STOPPED_READING)
                 continue
             try:
                 event = self.client.next_event()
@@ -438,9 +445,7 @@ class Pop3Layer:
                 continue
             if not isinstance(event, NeedData):
                 return event
-            yield _Wait("client", idle_since + self.config.client_timeout,
-                        _Abort("client idle: autologout",
-                               err("[SYS/TEMP] autologout: idle for too long")))
+            yield _Wait("client", idle_since + self.config.client_timeout, AUTOLOGOUT)
 
     def _server_event(self, held: _Held | None = None) -> Generator[_Wait, Any, ServerEvent]:
         deadline = self.now + self.config.server_timeout
@@ -452,8 +457,7 @@ class Pop3Layer:
             if not isinstance(event, NeedData):
                 return event
             if held is None:
-                yield _Wait("server", deadline,
-                            _Abort("the server did not answer in time", SERVER_SILENT))
+                yield _Wait("server", deadline, SERVER_LATE)
                 continue
             got = yield _Wait("server", min(deadline, held.keepalive.next_due))
             if got is TIMEOUT:
@@ -556,8 +560,8 @@ class Pop3Layer:
             if step.done:
                 return
             got = yield _Wait("server", active + self.config.server_timeout,
-                              _Abort("the server did not answer in time",
-                                     None if relaying.started else SERVER_SILENT), stalls=True)
+                              SERVER_LATE_MIDWAY if relaying.started else SERVER_LATE,
+                              stalls=True)
             if isinstance(got, ClientWritable):
                 active = self.now  # the server waited for the client, not the other way
 
@@ -804,7 +808,7 @@ class Pop3Layer:
                     out.clear()
                     buffered = 0
                 yield _Wait("server", self.now + self.config.server_timeout,
-                            _Abort("the server did not answer in time"), stalls=True)
+                            SERVER_LATE_MIDWAY, stalls=True)
                 continue
             if isinstance(event, BodyData):
                 size += len(event.data)

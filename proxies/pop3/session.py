@@ -63,6 +63,8 @@ __all__ = ["Pop3Session", "QuarantineStore", "SessionContext", "set_nodelay"]
 SERVER_BUFFER = 1 << 20
 TLS_HANDSHAKE_TIMEOUT = 30.0
 CLOSE_GRACE = 2.0
+# The events of every read, made once (they carry nothing).
+CLIENT_READABLE, SERVER_READABLE, CLIENT_LOST = ClientReadable(), ServerReadable(), ClientLost()
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -149,7 +151,7 @@ class Pop3Session:
         client.listener = self._client_changed
         client.on_paused = functools.partial(self._feed, ClientPaused())
         client.on_writable = self._client_writable
-        server.listener = functools.partial(self._feed, ServerReadable())
+        server.listener = functools.partial(self._feed, SERVER_READABLE)
         try:
             self._execute(self.layer.start(self._loop.time()))
             self._step()
@@ -200,7 +202,7 @@ class Pop3Session:
     # --- stepping the layer ---------------------------------------------------------------------
 
     def _client_changed(self) -> None:
-        self._feed(ClientLost() if self.client_link.lost else ClientReadable())
+        self._feed(CLIENT_LOST if self.client_link.lost else CLIENT_READABLE)
 
     def _client_writable(self) -> None:
         self.server_link.resume_reading()
