@@ -202,6 +202,9 @@ class FakeServer:
                 writer.write(b".\r\n")
             elif verb in (b"LIST", b"UIDL"):
                 i = int(argument)
+                if not 1 <= i <= len(self.messages) or i in self.deleted:
+                    writer.write(b"-ERR no such message\r\n")
+                    continue
                 value = b"%d" % len(self.messages[i - 1]) if verb == b"LIST" else self.uidl(i)
                 writer.write(b"+OK %d %s\r\n" % (i, value))
             elif verb == b"DELE":
@@ -221,7 +224,8 @@ class FakeServer:
                 content = self.messages[number - 1]
                 if verb == b"TOP":
                     header, sep, body = content.partition(b"\r\n\r\n")
-                    lines = body.split(b"\r\n")[: int(args[1])]
+                    lines = body.removesuffix(b"\r\n").split(b"\r\n") if body else []
+                    lines = lines[: int(args[1])]
                     content = header + sep + b"".join(line + b"\r\n" for line in lines)
                 await self._send_message(writer, content)
             else:
