@@ -217,6 +217,11 @@ class ClientReader:
         """Bytes received and not yet returned as events (pipelined commands)."""
         return len(self._buffer)
 
+    @property
+    def has_line(self) -> bool:
+        """A whole line is buffered: the client's next command is here."""
+        return b"\n" in self._buffer
+
     def discard_buffer(self) -> bytes:
         """Drop what is buffered: plaintext that arrived after STLS must not be read as if it
         came over TLS (RFC 2595 4, the STARTTLS command injection of CVE-2011-0411)."""

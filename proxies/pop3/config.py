@@ -21,6 +21,7 @@
     oversize_action = "pass"      # "pass" or "tempfail"
     subject_prefix = "[SPAM] "    # only to differ from [policy] subject_prefix (the default)
     scan_top = true               # scan TOP responses too (fetchmail keep mode uses TOP)
+    scan_ahead = false            # after a scanned RETR n, retrieve and scan n+1 early
     tls = "terminate"             # "terminate", "passthrough" or "strip"
     tls_cert = ""                 # with tls_key; "" = a self-signed one made at first start
     tls_key = ""
@@ -64,6 +65,7 @@ class Pop3Config:
     oversize_action: str = "pass"
     subject_prefix: str = PolicyConfig.subject_prefix
     scan_top: bool = True
+    scan_ahead: bool = False
     tls: str = "terminate"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -105,6 +107,7 @@ def pop3_from_section(section: Section, policy_prefix: str | None = None) -> Pop
                                        d.oversize_action),
         subject_prefix=subject_prefix(section, policy_prefix),
         scan_top=section.boolean("scan_top", d.scan_top),
+        scan_ahead=section.boolean("scan_ahead", d.scan_ahead),
         tls=section.choice("tls", TLS_MODES, d.tls),
         tls_cert=section.converted("tls_cert", _path_or_none, None),
         tls_key=section.converted("tls_key", _path_or_none, None),

@@ -131,7 +131,7 @@ class Pop3Session:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._scan: asyncio.Task[Any] | None = None
+        self._scans: dict[int, asyncio.Task[Any]] = {}
         self._passthrough = False
         self._done: asyncio.Future[None] = self._loop.create_future()
         self.error: str | None = None
@@ -272,11 +272,11 @@ class Pop3Session:
             elif isinstance(command, SendServer):
                 self.server_link.write(command.data)
             elif isinstance(command, Scan):
-                self._start_scan(command.content)
+                self._start_scan(command)
             elif isinstance(command, CancelScan):
-                if self._scan is not None:
-                    self._scan.cancel()
-                    self._scan = None
+                task = self._scans.pop(command.token, None)
+                if task is not None:
+                    task.cancel()
             elif isinstance(command, Quarantine):
                 self._start(self._quarantine(command), "quarantine")
             elif isinstance(command, Connect):
@@ -333,24 +333,22 @@ class Pop3Session:
             return
         self._feed(TlsDone(command.side))
 
-    def _start_scan(self, content: bytes) -> None:
+    def _start_scan(self, command: Scan) -> None:
         scanner = self.context.scanner
         assert scanner is not None
-        task = self._start(scanner.scan(content), "scan")
-        self._scan = task
+        token = command.token
+        task = self._start(scanner.scan(command.content), "scan")
+        self._scans[token] = task
 
         def scanned(task: asyncio.Task[ScanResult]) -> None:
-            if task is not self._scan:  # cancelled: the layer gave up on it
-                return
-            self._scan = None
-            if task.cancelled():
-                return
+            if self._scans.pop(token, None) is not task or task.cancelled():
+                return  # cancelled: the layer gave up on it
             exc = task.exception()
             if exc is not None:  # a scanner bug or outage is a failed scan, not a dead session
                 result = ScanResult("failed", reason=f"scanner error: {type(exc).__name__}")
             else:
                 result = task.result()
-            self._feed(ScanDone(result))
+            self._feed(ScanDone(result, token))
 
         task.add_done_callback(scanned)
 

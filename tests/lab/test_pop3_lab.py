@@ -265,6 +265,29 @@ def test_poplib_through_the_gateway(gateway: Gateway) -> None:
         _getmail_check(gateway)
 
 
+def test_scan_ahead_with_dovecot_and_clamd(lab_factory: LabFactory, tmp_path: Path) -> None:
+    """[pop3] scan_ahead = true: while poplib reads message n the proxy has n+1 fetched and
+    scanned, and each outcome is what it is without scanning ahead."""
+    gateway = _gateway(lab_factory("router", make_bridge=False), tmp_path)
+    files = deliver(gateway, clean_message(1), spam_message(), virus_message(),
+                    zipped_eicar_message(), clean_message(2))
+    gateway.start_proxy(scan_ahead=True)
+
+    def fetch(pop: poplib.POP3) -> list[bytes]:
+        got = [retr(pop, n) for n in range(1, 6)]
+        pop.dele(1)  # another command after a scan ahead: waits its turn, answered in order
+        return got
+
+    clean1, spam, virus, zipped, clean2 = gateway.pop(4, fetch)
+    assert clean1 == files[0] and clean2 == files[4]
+    assert b"X-Spam-Flag: YES" in spam and spam.endswith(b"Buy now.\r\n" + GTUBE + b"\r\n")
+    for notice in (virus, zipped):
+        assert b"[VIRUS REMOVED]" in notice and b"WDVPIVAlQEFQ" not in notice
+    events = gateway.events("pop3_message")
+    assert [e["ahead"] for e in events] == [False, True, True, True, True], events
+    assert gateway.pop(4, lambda pop: pop.stat()[0]) == 4  # DELE 1 and QUIT went through
+
+
 # --- fetchmail and getmail ---------------------------------------------------------------------
 
 

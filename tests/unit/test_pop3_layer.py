@@ -59,6 +59,7 @@ class Script:
 
     def __init__(self, *, scanning: bool = False, quarantining: bool = True,
                  certificate: bool = False, cache_ttl: float = 0.0, **config: Any) -> None:
+        config.setdefault("scan_ahead", False)  # its own tests say when
         settings = replace(Pop3Config(), tls=config.pop("tls", "passthrough"), **config)
         self.layer = Pop3Layer(LayerSetup(
             config=settings, ident=1, client=("192.0.2.10", 40000),
@@ -70,6 +71,7 @@ class Script:
         self.to_server = bytearray()
         self.commands: list[Command_] = []
         self.paused = False
+        self.scan_token = 0  # the last scan scanned_retr saw asked for
         self._apply(self.layer.start(self.now))
 
     def _apply(self, commands: list[Command_]) -> None:
@@ -482,8 +484,9 @@ def scanned_retr(script: Script, content: bytes, result: ScanResult | None,
     assert script.took_client() == b""  # nothing before the verdict
     scans = [c for c in script.took() if isinstance(c, Scan)]
     assert [s.content for s in scans] == [content]
+    script.scan_token = scans[0].token
     if result is not None:
-        script.event(ScanDone(result))
+        script.event(ScanDone(result, scans[0].token))
     return script.took_client()
 
 
@@ -548,10 +551,10 @@ def test_a_scan_that_never_answers_times_out_and_is_cancelled() -> None:
     script = Script(scanning=True, scan_timeout=20.0, keepalive_after=60.0)
     scanned_retr(script, message("x"), None)
     script.at(20.0)
-    assert CancelScan() in script.took()
+    assert CancelScan(script.scan_token) in script.took()
     assert script.took_client().startswith(b"-ERR [SYS/TEMP]")
     # A verdict that comes after all is not taken for the next message's.
-    script.event(ScanDone(CLEAN))
+    script.event(ScanDone(CLEAN, script.scan_token))
     script.exchange(b"NOOP\r\n", b"+OK\r\n")
 
 
@@ -566,7 +569,7 @@ def test_a_slow_scan_keeps_the_client_alive_with_the_trace_fields() -> None:
     assert script.took_client() == status + content[:1]  # the status, then one byte
     script.at(20.0)
     assert script.took_client() == content[1:2]
-    script.event(ScanDone(CLEAN))
+    script.event(ScanDone(CLEAN, script.scan_token))
     assert script.took_client() == stuff(content)[2:] + b".\r\n"
 
 
@@ -575,7 +578,7 @@ def test_a_scan_failure_after_the_early_status_ends_without_the_final_dot() -> N
     scanned_retr(script, message("slow"), None)
     script.at(10.0)
     assert script.took_client().startswith(b"+OK")
-    script.event(ScanDone(FAILED))
+    script.event(ScanDone(FAILED, script.scan_token))
     assert script.took_client() == b""
     assert script.closed == Close("content scanner failed", None)
 
@@ -630,7 +633,7 @@ def test_a_cached_verdict_is_used_for_the_same_message() -> None:
         scans = [c for c in script.took() if isinstance(c, Scan)]
         if round_ == 0:
             assert len(scans) == 1
-            script.event(ScanDone(CLEAN))
+            script.event(ScanDone(CLEAN, scans[0].token))
         else:
             assert scans == []  # the verdict came from the cache
         assert script.took_client() == retr_response(content)
@@ -641,3 +644,124 @@ def test_the_client_gone_while_a_message_is_scanned_ends_the_session() -> None:
     scanned_retr(script, message("x"), None)
     script.event(ClientLost())
     assert script.closed == Close("the client closed the connection", None)
+
+
+# --- scanning ahead ---------------------------------------------------------------------------
+
+FIRST = message("first", b"one\r\n")
+SECOND = message("second", b"two\r\n.dotted\r\n")
+
+
+def after_first_retr(script: Script) -> None:
+    """RETR 1 scanned and delivered; the layer has asked the server for message 2's size."""
+    assert scanned_retr(script, FIRST, CLEAN) == retr_response(FIRST)
+    assert script.took_server() == b"LIST 2\r\n"
+
+
+def scanned_ahead(script: Script) -> Scan:
+    after_first_retr(script)
+    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    assert script.took_server() == b"RETR 2\r\n"
+    script.server(retr_response(SECOND), piece=9)
+    (scan,) = script.took()
+    assert isinstance(scan, Scan) and scan.content == SECOND
+    assert script.took_client() == b""  # nothing of it before the client asks
+    return scan
+
+
+def test_the_next_message_is_fetched_and_scanned_while_the_client_reads() -> None:
+    script = Script(scanning=True, scan_ahead=True)
+    scan = scanned_ahead(script)
+    script.event(ScanDone(CLEAN, scan.token))
+    script.client(b"RETR 2\r\n")
+    assert script.took_client() == retr_response(SECOND)  # at once, from what was fetched
+    assert not any(isinstance(c, Scan) for c in script.took())
+    assert script.took_server() == b"LIST 3\r\n"  # and on to the next one
+
+
+def test_a_retrieval_before_the_scan_ahead_is_done_waits_for_its_verdict() -> None:
+    script = Script(scanning=True, scan_ahead=True)
+    scan = scanned_ahead(script)
+    script.client(b"RETR 2\r\n")
+    assert script.took_server() == b""
+    assert script.took_client() == b""
+    assert script.took() == []  # no second scan: the first one's verdict is awaited
+    script.event(ScanDone(VIRUS, scan.token))
+    (stored,) = script.took()
+    assert isinstance(stored, Quarantine) and stored.content == SECOND
+
+
+def test_a_verdict_scanned_ahead_serves_no_other_command() -> None:
+    script = Script(scanning=True, scan_ahead=True)
+    ahead = scanned_ahead(script)
+    script.client(b"TOP 2 10\r\n")
+    assert script.took_server() == b"TOP 2 10\r\n"
+    script.server(retr_response(SECOND))
+    cancel, scan = script.took()
+    assert cancel == CancelScan(ahead.token)
+    assert isinstance(scan, Scan) and scan.token != ahead.token
+    script.event(ScanDone(VIRUS, ahead.token))  # a late one for the dropped scan is not taken
+    assert script.took_client() == b"" and script.took() == []
+    script.event(ScanDone(CLEAN, scan.token))
+    assert script.took_client() == retr_response(SECOND)
+
+
+def test_a_command_sent_during_the_scan_ahead_waits_for_its_response() -> None:
+    script = Script(scanning=True, scan_ahead=True)
+    after_first_retr(script)
+    script.client(b"DELE 1\r\n")
+    assert script.took_server() == b""  # the server is answering LIST 2
+    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    assert script.took_server() == b"RETR 2\r\n"
+    script.server(retr_response(SECOND))
+    assert script.took_server() == b"DELE 1\r\n"
+    script.server(b"+OK deleted\r\n")
+    assert script.took_client() == b"+OK deleted\r\n"
+
+
+def test_no_scan_ahead_when_the_client_has_sent_its_next_command() -> None:
+    script = Script(scanning=True, scan_ahead=True)
+    script.logged_in()
+    script.client(b"RETR 1\r\nQUIT\r\n")
+    script.took_server()
+    script.server(retr_response(FIRST))
+    (scan,) = script.took()
+    assert isinstance(scan, Scan)
+    script.event(ScanDone(CLEAN, scan.token))
+    assert script.took_client() == retr_response(FIRST)
+    assert script.took_server() == b"QUIT\r\n"
+
+
+def test_no_scan_ahead_for_a_big_message_or_one_that_is_not_there() -> None:
+    script = Script(scanning=True, scan_ahead=True)
+    after_first_retr(script)
+    script.server(b"+OK 2 99000000\r\n")  # too big to keep until it is asked for
+    assert script.took_server() == b""
+    script.client(b"RETR 2\r\n")
+    assert script.took_server() == b"RETR 2\r\n"
+    script.server(retr_response(SECOND))
+    (scan,) = script.took()
+    script.event(ScanDone(CLEAN, scan.token))
+    assert script.took_client() == retr_response(SECOND)
+    assert script.took_server() == b"LIST 3\r\n"
+    script.server(b"-ERR no such message\r\n")
+    assert script.took_server() == b""
+    script.exchange(b"QUIT\r\n", b"+OK bye\r\n")
+
+
+def test_scanning_ahead_is_off_unless_configured() -> None:
+    script = Script(scanning=True, scan_ahead=False)
+    after_first = scanned_retr(script, FIRST, CLEAN)
+    assert after_first == retr_response(FIRST)
+    assert script.took_server() == b""
+
+
+def test_a_message_longer_than_its_listed_size_is_not_kept_ahead() -> None:
+    script = Script(scanning=True, scan_ahead=True, max_scan_size=1000)
+    after_first_retr(script)
+    script.server(b"+OK 2 500\r\n")
+    assert script.took_server() == b"RETR 2\r\n"
+    script.server(retr_response(message("long", (b"y" * 70 + b"\r\n") * 30)))
+    assert script.took() == []  # nothing scanned, nothing kept
+    script.client(b"RETR 2\r\n")
+    assert script.took_server() == b"RETR 2\r\n"  # asked again
