@@ -385,6 +385,12 @@ class Pop3Layer:
         return None if wait is None else self._deadline(wait)[0]
 
     @property
+    def forwarding(self) -> bool:
+        """The server's bytes go on to the client as they come (a relayed response): while
+        the client does not read, neither should the driver read the server."""
+        return self._wait is not None and self._wait.stalls
+
+    @property
     def waiting(self) -> WaitKind | None:
         return None if self._wait is None else self._wait.kind
 

@@ -5,8 +5,9 @@ two sockets are `Link` protocols whose bytes go straight into the layer's codec 
 each callback steps the layer at once (no task switch per read); what takes time elsewhere
 (connecting, a TLS handshake, a scan, a quarantine write) runs as a task whose result is fed
 back as an event. One timer serves the layer's `wake_at`. Flow control: while the client's
-transport is over its high-water mark the server is not read, and each reader that holds more
-than its limit stops its own socket until the layer has taken the bytes.
+transport is over its high-water mark the server is not read if its bytes would go on to the
+client (a relayed response; a message being fetched for its scan is read on), and each reader
+that holds more than its limit stops its own socket until the layer has taken the bytes.
 
 After a passed-through STLS the driver relays the encrypted bytes itself, as
 `proxies.tcprelay` does.
@@ -234,7 +235,7 @@ class Pop3Session:
                 break
             if self._passthrough:
                 return
-            if client.write_paused:
+            if client.write_paused and layer.forwarding:
                 self.server_link.pause_reading()
             else:
                 self.server_link.consumed()
