@@ -2,7 +2,8 @@
 
 The driver (`proxies.pop3.session`) owns the sockets, the tasks and the one timer. It puts
 each side's bytes into the layer's readers (`client`, `server`: the codec's), tells the layer
-what happened (`handle(event, now)`) and carries out the commands that come back, in order:
+what happened (`handle(event, now)`) and carries out the commands that come back, in order
+(both are plain data, in `proxies.pop3.events`):
 send to the client or the server, connect, start TLS, scan, quarantine, pass the encrypted
 bytes through, close. `wake_at` is when the layer next needs a `Tick`. Tests drive the layer
 the same way with scripted bytes and times, both peers played by the test.
@@ -56,6 +57,30 @@ from proxies.pop3.codec import (
 )
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.errors import RemoteProtocolError, err
+from proxies.pop3.events import (
+    CancelScan,
+    ClientLost,
+    ClientPaused,
+    ClientReadable,
+    ClientWritable,
+    Close,
+    Command_,
+    Connect,
+    Connected,
+    ConnectFailed,
+    Event,
+    Passthrough,
+    Quarantine,
+    QuarantineDone,
+    Scan,
+    ScanDone,
+    SendClient,
+    SendServer,
+    ServerReadable,
+    StartTls,
+    Tick,
+    TlsDone,
+)
 from proxies.pop3.keepalive import Keepalive
 from proxies.pop3.policy import decide
 from proxies.pop3.relay import (
@@ -72,12 +97,7 @@ from proxies.pop3.spool import Spool
 from proxies.scan.api import ScanResult
 from proxies.transparent import Address
 
-__all__ = [
-    "CHUNK", "CancelScan", "ClientLost", "ClientPaused", "ClientReadable", "ClientWritable",
-    "Close", "Connect", "ConnectFailed", "Connected", "Passthrough", "Pop3Layer", "Quarantine",
-    "QuarantineDone", "Scan", "ScanDone", "SendClient", "SendServer", "ServerReadable",
-    "StartTls", "Tick", "TlsDone",
-]
+__all__ = ["CHUNK", "LayerSetup", "Pop3Layer"]
 
 CHUNK = 1 << 20  # content written to the client between two waits for its transport to drain
 MAX_UNKNOWN_COMMANDS = 20
@@ -96,133 +116,6 @@ SERVER_LATE_MIDWAY: Failure = ("the server did not answer in time", None)
 UNREACHABLE = err("[SYS/TEMP] cannot reach the mail server")
 TLS_FAILED = err("[SYS/TEMP] TLS with the mail server failed")
 
-Side = Literal["client", "server"]
-
-
-# --- events: what the driver tells the layer ----------------------------------------------------
-
-@dataclass(frozen=True)
-class ClientReadable:
-    """New bytes (or the EOF) are in the client reader."""
-
-
-@dataclass(frozen=True)
-class ServerReadable:
-    """New bytes (or the EOF, or the loss) are in the server reader."""
-
-
-@dataclass(frozen=True)
-class ClientLost:
-    """The client's connection is gone: nothing more can reach it."""
-
-
-@dataclass(frozen=True)
-class ClientPaused:
-    """The client's transport is over its high-water mark: the client is not reading."""
-
-
-@dataclass(frozen=True)
-class ClientWritable:
-    """The client's transport has room (after a pause, or when the layer waits to flush)."""
-
-
-@dataclass(frozen=True)
-class Connected:
-    pass
-
-
-@dataclass(frozen=True)
-class ConnectFailed:
-    reason: str
-
-
-@dataclass(frozen=True)
-class TlsDone:
-    side: Side
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class ScanDone:
-    result: ScanResult
-    token: int  # the Scan's
-
-
-@dataclass(frozen=True)
-class QuarantineDone:
-    quarantine_id: str | None  # None: the store failed (it has logged why)
-
-
-@dataclass(frozen=True)
-class Tick:
-    """`wake_at` has come."""
-
-
-Event = (ClientReadable | ServerReadable | ClientLost | ClientPaused | ClientWritable | Connected
-         | ConnectFailed | TlsDone | ScanDone | QuarantineDone | Tick)
-
-
-# --- commands: what the layer asks the driver to do ---------------------------------------------
-
-@dataclass(frozen=True)
-class SendClient:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class SendServer:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Connect:
-    """Connect to the destination; answer Connected or ConnectFailed."""
-
-
-@dataclass(frozen=True)
-class StartTls:
-    """TLS on one side (ours towards the client, a client's towards the server); TlsDone."""
-
-    side: Side
-
-
-@dataclass(frozen=True)
-class Scan:
-    """Scan `content`; answer ScanDone with the same `token` (more than one may run: a scan
-    ahead and the scan of a message that was not the one foreseen)."""
-
-    content: bytes
-    token: int
-
-
-@dataclass(frozen=True)
-class CancelScan:
-    token: int
-
-
-@dataclass(frozen=True)
-class Quarantine:
-    content: bytes
-    result: ScanResult
-    origin: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Passthrough:
-    """From now on relay the bytes both ways as they are (TLS end to end), until both sides
-    have ended or neither has sent for client_timeout; the layer is done."""
-
-
-@dataclass(frozen=True)
-class Close:
-    """End the session: `reply` (if any) goes to the client first; `error` is for the log."""
-
-    error: str | None = None
-    reply: bytes | None = None
-
-
-Command_ = (SendClient | SendServer | Connect | StartTls | Scan | CancelScan | Quarantine
-            | Passthrough | Close)
 
 
 class _Abort(Exception):

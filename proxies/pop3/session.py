@@ -29,7 +29,7 @@ from proxies import logs
 from proxies.pop3.cache import ScanCache
 from proxies.pop3.codec import ClientReader
 from proxies.pop3.config import Pop3Config
-from proxies.pop3.layer import (
+from proxies.pop3.events import (
     CancelScan,
     ClientLost,
     ClientPaused,
@@ -41,9 +41,7 @@ from proxies.pop3.layer import (
     Connected,
     ConnectFailed,
     Event,
-    LayerSetup,
     Passthrough,
-    Pop3Layer,
     Quarantine,
     QuarantineDone,
     Scan,
@@ -55,6 +53,7 @@ from proxies.pop3.layer import (
     Tick,
     TlsDone,
 )
+from proxies.pop3.layer import LayerSetup, Pop3Layer
 from proxies.pop3.link import Link
 from proxies.scan.api import ContentScanner, ScanResult
 from proxies.transparent import Address, ConnectionInfo, connect_socket

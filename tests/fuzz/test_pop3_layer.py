@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from proxies.pop3.cache import ScanCache
 from proxies.pop3.config import Pop3Config
-from proxies.pop3.layer import (
+from proxies.pop3.events import (
     ClientLost,
     ClientPaused,
     ClientReadable,
@@ -31,8 +31,6 @@ from proxies.pop3.layer import (
     Connected,
     ConnectFailed,
     Event,
-    LayerSetup,
-    Pop3Layer,
     QuarantineDone,
     Scan,
     ScanDone,
@@ -41,6 +39,7 @@ from proxies.pop3.layer import (
     Tick,
     TlsDone,
 )
+from proxies.pop3.layer import LayerSetup, Pop3Layer
 from proxies.scan.api import ScanResult
 from tests.fuzz import inputs
 from tests.fuzz.harness import EXAMPLES, bounded, check_pop3_reply, corpus, fuzz_settings

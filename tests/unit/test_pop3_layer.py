@@ -12,8 +12,7 @@ import pytest
 
 from proxies.pop3.cache import ScanCache
 from proxies.pop3.config import Pop3Config
-from proxies.pop3.layer import (
-    CHUNK,
+from proxies.pop3.events import (
     CancelScan,
     ClientLost,
     ClientPaused,
@@ -25,9 +24,7 @@ from proxies.pop3.layer import (
     Connected,
     ConnectFailed,
     Event,
-    LayerSetup,
     Passthrough,
-    Pop3Layer,
     Quarantine,
     QuarantineDone,
     Scan,
@@ -39,6 +36,7 @@ from proxies.pop3.layer import (
     Tick,
     TlsDone,
 )
+from proxies.pop3.layer import CHUNK, LayerSetup, Pop3Layer
 from proxies.pop3.states import SessionState
 from proxies.scan.api import ScanResult
 from tests.unit.test_pop3_support import message, stuff
