@@ -2,10 +2,9 @@
 
 The driver (`proxies.pop3.session`) owns the sockets, the tasks and the one timer. It puts
 each side's bytes into the layer's readers (`client`, `server`: the codec's), tells the layer
-what happened (`handle(event, now)`) and carries out the commands that come back, in order
-(both are plain data, in `proxies.pop3.events`):
+what happened (`handle(event, now)`) and carries out the commands that come back, in order:
 send to the client or the server, connect, start TLS, scan, quarantine, pass the encrypted
-bytes through, close. `wake_at` is when the layer next needs a `Tick`. Tests drive the layer
+bytes through, close (both plain data, in `proxies.pop3.events`). `wake_at` is when the layer next needs a `Tick`. Tests drive the layer
 the same way with scripted bytes and times, both peers played by the test.
 
 The conversation itself reads top to bottom (`_session`): it is a generator that yields what
