@@ -64,6 +64,10 @@ class Recorder:
     def pop3_retrieval(self, outcome: str, verdict: str) -> None:
         """One RETR/TOP through the POP3 proxy: what the client got, and the scan verdict."""
 
+    def pop3_scan_ahead(self, result: str) -> None:
+        """A message retrieved ahead ([pop3] scan_ahead): "used" (the client asked for it)
+        or "dropped" (it asked for something else)."""
+
     def worker_restart(self, worker: str) -> None:
         """The master started a worker in place of one that died."""
 
@@ -115,6 +119,10 @@ class PrometheusRecorder(Recorder):
             "mailgate_pop3_retrievals", "RETR/TOP responses through the POP3 proxy, by what "
             "the client got (deliver, tag, unscanned, replace, tempfail) and scan verdict",
             ["outcome", "verdict"], registry=r)
+        self._pop3_ahead = Counter(
+            "mailgate_pop3_scan_ahead", "Messages retrieved ahead ([pop3] scan_ahead), by "
+            "whether the client then asked for them (used) or not (dropped)", ["result"],
+            registry=r)
         self._restarts = Counter(
             "mailgate_worker_restarts", "Workers started by the master in place of one that "
             "died", ["worker"], registry=r)
@@ -172,6 +180,9 @@ class PrometheusRecorder(Recorder):
 
     def pop3_retrieval(self, outcome: str, verdict: str) -> None:
         self._child(self._pop3, outcome, verdict).inc()
+
+    def pop3_scan_ahead(self, result: str) -> None:
+        self._child(self._pop3_ahead, result).inc()
 
     def worker_restart(self, worker: str) -> None:
         self._child(self._restarts, worker).inc()

@@ -4,8 +4,9 @@ The driver (`proxies.pop3.session`) owns the sockets, the tasks and the one time
 each side's bytes into the layer's readers (`client`, `server`: the codec's), tells the layer
 what happened (`handle(event, now)`) and carries out the commands that come back, in order:
 send to the client or the server, connect, start TLS, scan, quarantine, pass the encrypted
-bytes through, close (both plain data, in `proxies.pop3.events`). `wake_at` is when the layer next needs a `Tick`. Tests drive the layer
-the same way with scripted bytes and times, both peers played by the test.
+bytes through, close (both plain data, in `proxies.pop3.events`). `wake_at` is when the layer
+next needs a `Tick`. Tests drive the layer the same way with scripted bytes and times, both
+peers played by the test.
 
 The conversation itself reads top to bottom (`_session`): it is a generator that yields what
 it waits for (`_Wait`: a side's bytes, the client's transport draining, a result) with the
@@ -116,8 +117,9 @@ UNREACHABLE = err("[SYS/TEMP] cannot reach the mail server")
 TLS_FAILED = err("[SYS/TEMP] TLS with the mail server failed")
 
 
-
 class _Abort(Exception):
+    """End the session: `reply` (if any) goes to the client first."""
+
     def __init__(self, reason: str, reply: bytes | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -861,7 +863,9 @@ class Pop3Layer:
         if ahead is None:
             return None
         if command.verb == "RETR" and command.arguments == [ahead.number]:
+            metrics.current.pop3_scan_ahead("used")
             return ahead
+        metrics.current.pop3_scan_ahead("dropped")
         self._cancel(ahead)
         return None
 

@@ -216,6 +216,7 @@ def test_every_hook_of_the_prometheus_recorder_counts(tmp_path: Path) -> None:
     recorder.deliveries(0, 0, 3)
     recorder.scan("spamd", "spam", 0.3)
     recorder.pop3_retrieval("tag", "spam")
+    recorder.pop3_scan_ahead("used")
     recorder.worker_restart("smtp")
     recorder.bounce_notification("rate_limited")
     get = recorder.registry.get_sample_value
@@ -229,6 +230,7 @@ def test_every_hook_of_the_prometheus_recorder_counts(tmp_path: Path) -> None:
     assert get("mailgate_scan_verdicts_total", {"scanner": "spamd", "verdict": "spam"}) == 1
     assert get("mailgate_scan_duration_seconds_sum", {"scanner": "spamd"}) == pytest.approx(0.3)
     assert get("mailgate_pop3_retrievals_total", {"outcome": "tag", "verdict": "spam"}) == 1
+    assert get("mailgate_pop3_scan_ahead_total", {"result": "used"}) == 1
     assert get("mailgate_worker_restarts_total", {"worker": "smtp"}) == 1
     assert get("mailgate_bounce_notifications_total", {"result": "rate_limited"}) == 1
     assert get("mailgate_bounce_notifications_total", {"result": "sent"}) == 0
