@@ -192,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert sender is not None
 
         results: dict[str, dict[str, Round]] = {}
+        # Each path: its name and the proxy's (scanning, scan_ahead), or None for the relay.
         paths: tuple[tuple[str, tuple[bool, bool] | None], ...] = (
             ("tcprelay (no protocol)", None), ("proxy, scanning off", (False, False)),
             ("proxy, scanning on (clamd)", (True, False)),
@@ -199,9 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _round in range(args.rounds):
             for user in MAILBOXES:
                 keep_best(results, "direct", user, fetch_all(lab, user, bypass_address(4)))
-            for name, scanning in paths:
-                process = (start_relay(lab) if scanning is None
-                           else start_proxy(lab, work, *scanning))
+            for name, proxy in paths:
+                process = (start_relay(lab) if proxy is None
+                           else start_proxy(lab, work, *proxy))
                 try:
                     for user in MAILBOXES:
                         keep_best(results, name, user, fetch_all(lab, user, sender))
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"POP3 RETR with poplib, router lab, best of {args.rounds} (paths in turn): "
               f"{args.messages} x {size // 1024} KiB and {args.small} x 5 KB")
         print(f"{'path':30} {'MB/s':>8} {'ratio':>6} {'msg/s (5 KB)':>13} {'ratio':>6}")
-        for name in ["direct", *(name for name, _scanning in paths), "clamd alone (no POP3)"]:
+        for name in ["direct", *(name for name, _proxy in paths), "clamd alone (no POP3)"]:
             big, small = results[name]["big"], results[name]["small"]
             print(f"{name:30} {big.mb_per_s:8.1f} {big.mb_per_s / direct['big'].mb_per_s:6.2f} "
                   f"{small.messages_per_s:13.0f} "

@@ -187,21 +187,18 @@ class LayerSetup:
 
 
 class Pop3Layer:
-    def __init__(self, setup: LayerSetup, client: ClientReader | None = None,
-                 now: float = 0.0) -> None:
+    def __init__(self, setup: LayerSetup, client: ClientReader | None = None) -> None:
         self.setup = setup
         self.config = setup.config
         self.client = client if client is not None else ClientReader()
         self.server = ServerReader()
         self.facts = SessionFacts()  # state, user and UIDLs, learnt from what is relayed
-        self.now = now
-        self.started = now
+        self.now = 0.0  # loop time, as of the event being handled
         self.client_tls = False
-        self.server_tls = False
         self.server_offers_stls = False
         self.passthrough = False
         self.client_paused = False
-        self.paused_since = now
+        self.paused_since = 0.0
         self.messages = 0
         self.unknown_commands = 0
         self.scanned = frozenset(({"RETR", "TOP"} if self.config.scan_top else {"RETR"})
@@ -216,7 +213,7 @@ class Pop3Layer:
     # --- the driver's side ----------------------------------------------------------------------
 
     def start(self, now: float) -> list[Command_]:
-        self.now = self.started = self.paused_since = now
+        self.now = self.paused_since = now
         self._out = []
         self._resume(None)
         return self._out
@@ -529,7 +526,6 @@ class Pop3Layer:
         done: TlsDone = yield _Wait("tls")
         if done.error is not None:
             raise _Abort(f"TLS with the server failed: {done.error}", TLS_FAILED)
-        self.server_tls = True
 
     def _stls(self, command: Command) -> Conversation:
         mode = self.config.tls

@@ -132,7 +132,6 @@ class Pop3Session:
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scans: dict[int, asyncio.Task[Any]] = {}
-        self._passthrough = False
         self._done: asyncio.Future[None] = self._loop.create_future()
         self.error: str | None = None
         self.started = time.monotonic()
@@ -232,7 +231,7 @@ class Pop3Session:
                     events.append(ClientWritable())  # it has taken the writes already
                     continue
                 break
-            if self._passthrough:
+            if layer.passthrough:  # the driver relays the bytes itself now
                 return
             if client.write_paused and layer.forwarding:
                 self.server_link.pause_reading()
@@ -369,7 +368,6 @@ class Pop3Session:
     def _relay_encrypted(self) -> None:
         """Bytes both ways, unscanned, until both sides end (each FIN passed on, RFC 9293 3.6)
         or neither sends for client_timeout."""
-        self._passthrough = True
         client, server = self.client_link, self.server_link
         client.listener = server.listener = None
         client.on_paused = None
