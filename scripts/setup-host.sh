@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(
   iproute2 iptables ebtables nftables libnetfilter-queue-dev pkg-config gcc
   python3 python3-venv python3-dev
-  postfix swaks dovecot-pop3d clamav-daemon spamassassin spamd rspamd fetchmail getmail6
+  postfix swaks dovecot-pop3d clamav-daemon spamassassin spamd rspamd fetchmail
   # swaks speaks IPv6 only with this, a mere Recommends (and we install without those).
   libio-socket-inet6-perl
   openssl

@@ -389,7 +389,9 @@ received = false
 verbose = 1
 """)
     env = {"PATH": os.environ["PATH"], "HOME": str(home)}
-    argv = ["getmail", "--getmaildir", str(PEER_MOUNT), "--rcfile", f"{PEER_MOUNT}/getmailrc"]
+    # The venv's getmail (pyproject.toml says why not Debian's).
+    getmail = Path(sys.executable).with_name("getmail")
+    argv = [str(getmail), "--getmaildir", str(PEER_MOUNT), "--rcfile", f"{PEER_MOUNT}/getmailrc"]
     result = _run_in_sender(gateway, peer_command(home, argv), env)
     assert result.returncode == 0, result.stdout.decode(errors="replace")
     got = [p.read_bytes() for p in (maildir / "new").iterdir()]
