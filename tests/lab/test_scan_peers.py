@@ -23,7 +23,6 @@ import signal
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -33,7 +32,7 @@ from netsetup.lab.peers.clamd import EICAR, EICAR_FOUND, Clamd, ClamdInstance
 from netsetup.lab.peers.rspamd import GTUBE, Rspamd, RspamdInstance
 from netsetup.lab.topology import Lab
 from proxies.scan.api import ScanResult
-from proxies.scan.clamd import FILDES_MAX, ClamdClient
+from proxies.scan.clamd import ClamdClient
 from proxies.scan.config import ScannerConfig, SocketAddress
 from proxies.scan.rspamd import RspamdClient
 from tests.unit.scan_messages import plain, with_attachments, zipped
@@ -241,62 +240,6 @@ def test_clamd_size_limit_error_ends_the_session(peers: Peers) -> None:
     assert over.output == ("clamd: INSTREAM size limit exceeded. ERROR",)
     assert len(first) == 1 and after == []  # the session is over on both sides
     assert again == EICAR_FOUND and len(last) == 1 and last != first
-
-
-def local_scanner(peers: Peers) -> ScannerConfig:
-    return ScannerConfig(SocketAddress(path=peers.clamd.socket_path), timeout=10.0,
-                         max_size=25 * 1024 * 1024, concurrency=2)
-
-
-def test_clamd_on_its_local_socket_is_handed_the_message(peers: Peers) -> None:
-    """Over the unix socket a message up to FILDES_MAX goes as a file descriptor (clamd names
-    it fd[N]) and is judged as a stream is; a larger one is streamed, so clamd's
-    StreamMaxLength still refuses what is over it."""
-    over_limit = b"x" * (STREAM_MAX + 1)
-    assert len(over_limit) > FILDES_MAX
-
-    async def main() -> tuple[list[ScanResult], bool | None]:
-        client = ClamdClient(local_scanner(peers))
-        try:
-            return [await client.scan(content) for content in (
-                CLEAN, ATTACHED, ZIPPED, LONG, over_limit, ATTACHED)], client.fildes
-        finally:
-            client.close()
-
-    (clean, attached, zipped_, long, over, again), fildes = in_gateway(peers, main)
-    assert fildes is True  # clamd found EICAR in the descriptor it was handed first
-    assert [verdict(r) for r in (clean, attached, zipped_, long, again)] == [
-        "clean", EICAR_FOUND, EICAR_FOUND, "clean", EICAR_FOUND]
-    for result in (clean, attached, zipped_, long, again):
-        assert re.fullmatch(r"clamd: (\d+: )?fd\[\d+\]: .*", result.output[0]), result.output
-    assert over.oversize and over.reason == "clamd: INSTREAM size limit exceeded", over
-    assert over.output == ("clamd: INSTREAM size limit exceeded. ERROR",)
-
-
-def test_clamd_that_cannot_read_the_descriptor_gets_a_stream(
-        peers: Peers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """Handed a file it cannot read, clamd answers OK (as it might when a security module
-    keeps it from files it did not open itself). So the client first hands it EICAR, and
-    when clamd does not find it every scan is streamed. Here the file is one clamd may not
-    read: opened for writing only."""
-    unreadable = tmp_path / "write-only"
-    monkeypatch.setattr("proxies.scan.clamd.os.memfd_create", lambda _name, _flags: os.open(
-        unreadable, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-
-    async def main() -> tuple[list[ScanResult], bool | None]:
-        client = ClamdClient(local_scanner(peers))
-        try:
-            return [await client.scan(content) for content in (ATTACHED, CLEAN)], client.fildes
-        finally:
-            client.close()
-
-    with caplog.at_level("WARNING"):
-        (attached, clean), fildes = in_gateway(peers, main)
-    assert verdict(attached) == EICAR_FOUND and verdict(clean) == "clean"
-    assert [r.output[0].partition("stream: ")[1] for r in (attached, clean)] == ["stream: "] * 2
-    assert fildes is False
-    assert "clamd_fildes_off" in caplog.text, caplog.text
 
 
 def test_clamd_that_stops_answering_is_a_timeout(peers: Peers) -> None:
