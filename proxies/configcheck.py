@@ -18,11 +18,15 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netsetup.configfile import DEFAULT_CONFIG_PATH, Check, ConfigError, Problem, Section, read_toml
+from proxies.scan import clamdconf
 
-__all__ = ["Report", "add_commands", "check_file", "render"]
+if TYPE_CHECKING:
+    from proxies.config import Config
+
+__all__ = ["Report", "add_commands", "check_file", "host_warnings", "render"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class Report:
     path: Path
     sections: Mapping[str, Section]
     problems: list[Problem]
+    # What the config means together with the host (a local clamd's own limits): printed,
+    # not problems, since the file itself is usable.
+    warnings: tuple[str, ...] = ()
 
     @property
     def checks(self) -> list[Check]:
@@ -45,8 +52,16 @@ def check_file(path: Path) -> Report:
         data = read_toml(path)
     except ConfigError as exc:
         return Report(path, {}, exc.problems)
-    _, sections, problems = read_sections(path, data)
-    return Report(path, sections, problems)
+    config, sections, problems = read_sections(path, data)
+    return Report(path, sections, problems, () if problems else tuple(host_warnings(config)))
+
+
+def host_warnings(config: Config) -> list[str]:
+    """What `mailgate run` warns of at its start, about this host rather than the file."""
+    clamd = config.scan.clamd
+    if clamd is None or clamd.address.path is None:
+        return []
+    return clamdconf.limit_warnings(clamd.address.path, clamd.max_size)
 
 
 def _toml(value: Any) -> str:
@@ -116,6 +131,7 @@ def render(report: Report, show_all: bool = False) -> str:
     if others:
         lines.append("# problems:")
         lines += [f"# PROBLEM  {problem}" for problem in others]
+    lines += [f"# WARNING  {warning}" for warning in report.warnings]
     lines.append(f"# {len(report.problems)} problem(s)" if report.problems else "# config is ok")
     return "\n".join(lines) + "\n"
 

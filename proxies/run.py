@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from proxies import eventloop, logs, sdnotify
+from proxies import configcheck, eventloop, logs, sdnotify
 from proxies.config import Config
 from proxies.filtering import MessageFilter
 from proxies.metrics import exporter as metrics_exporter
@@ -174,6 +174,8 @@ async def serve(config: Config, message_filter: MessageFilter | None = None,
     if tls_server is None:
         logs.warning("smtp_tls_disabled", reason="smtp.tls = false in the config: STARTTLS is "
                      "neither offered to clients nor used towards servers")
+    for warning in configcheck.host_warnings(config):
+        logs.warning("clamd_limits", detail=warning)
     agent = DeliveryAgent(smtp, queue, spoof_source=config.network.spoof_source,
                           tls_context=client_context() if smtp.tls else None)
     if message_filter is None:

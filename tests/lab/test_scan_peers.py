@@ -33,6 +33,7 @@ from netsetup.lab.peers.rspamd import GTUBE, Rspamd, RspamdInstance
 from netsetup.lab.topology import Lab
 from proxies.scan.api import ScanResult
 from proxies.scan.clamd import ClamdClient
+from proxies.scan.clamdconf import limit_warnings
 from proxies.scan.config import ScannerConfig, SocketAddress
 from proxies.scan.rspamd import RspamdClient
 from tests.unit.scan_messages import plain, with_attachments, zipped
@@ -42,6 +43,7 @@ CLAMD_PORT = 3310
 RSPAMD_PORT = 11333
 READ_TIMEOUT = 2  # clamd's ReadTimeout: an IDSESSION with no command for this long is ended
 STREAM_MAX = 1024 * 1024  # clamd's StreamMaxLength
+MAX_FILE = 512 * 1024  # clamd's MaxFileSize
 
 
 @dataclass
@@ -58,7 +60,8 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
     try:
         lab.up()
         clamd = Clamd.start(lab, lab.gateway, base / "clamd", tcp=("127.0.0.1", CLAMD_PORT),
-                            stream_max_length=str(STREAM_MAX), read_timeout=READ_TIMEOUT)
+                            stream_max_length=str(STREAM_MAX), read_timeout=READ_TIMEOUT,
+                            max_file_size=str(MAX_FILE))
         rspamd = Rspamd.start(lab, lab.gateway, base / "rspamd", port=RSPAMD_PORT)
         yield Peers(lab, clamd, rspamd)
         rspamd.stop()
@@ -240,6 +243,30 @@ def test_clamd_size_limit_error_ends_the_session(peers: Peers) -> None:
     assert over.output == ("clamd: INSTREAM size limit exceeded. ERROR",)
     assert len(first) == 1 and after == []  # the session is over on both sides
     assert again == EICAR_FOUND and len(last) == 1 and last != first
+
+
+def test_clamd_passes_what_is_over_its_max_file_size_and_config_check_says_so(
+        peers: Peers) -> None:
+    """clamd does not read past MaxFileSize and answers OK: a virus in a message between it
+    and [scan] max_size would pass as clean. What mailgate's check warns of, from this
+    clamd's own clamd.conf."""
+    padded = with_attachments(("eicar.com", EICAR, "application/octet-stream"),
+                              ("padding.txt", b"x" * MAX_FILE, "text/plain"))
+    assert MAX_FILE < len(padded) < STREAM_MAX
+
+    async def main() -> list[str]:
+        client = ClamdClient(scanner(CLAMD_PORT))
+        try:
+            return [verdict(await client.scan(content)) for content in (ATTACHED, padded)]
+        finally:
+            client.close()
+
+    assert in_gateway(peers, main) == [EICAR_FOUND, "clean"]
+    (warning,) = [w for w in limit_warnings(peers.clamd.socket_path, STREAM_MAX,
+                                            peers.clamd.conf_path) if "MaxFileSize" in w]
+    assert warning.startswith(f"{peers.clamd.conf_path}: MaxFileSize 512K is below [scan] "
+                              "max_size 1M: ") and "would pass as clean" in warning
+    assert limit_warnings(peers.clamd.socket_path, MAX_FILE, peers.clamd.conf_path) == []
 
 
 def test_clamd_that_stops_answering_is_a_timeout(peers: Peers) -> None:

@@ -58,7 +58,8 @@ def _command(sock: socket.socket, command: bytes) -> bytes:
 
 class ClamdInstance:
     def __init__(self, lab: Lab, host: Host, dir: Path, tcp: tuple[str, int] | None,
-                 stream_max_length: str, read_timeout: int | None = None) -> None:
+                 stream_max_length: str, read_timeout: int | None = None,
+                 max_file_size: str | None = None) -> None:
         self.lab = lab
         self.host = host
         self.dir = dir
@@ -68,6 +69,7 @@ class ClamdInstance:
         self.log_path = dir / "clamd.log"
         self.stream_max_length = stream_max_length
         self.read_timeout = read_timeout  # seconds; None: clamd's default (120)
+        self.max_file_size = max_file_size  # None: clamd's default (100M)
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds = 0.0
 
@@ -83,6 +85,8 @@ class ClamdInstance:
             tcp = f"TCPSocket {self.address[1]}\nTCPAddr {self.address[0]}\n"
         # How long clamd waits for data, also for the next command of an IDSESSION.
         idle = "" if self.read_timeout is None else f"ReadTimeout {self.read_timeout}\n"
+        if self.max_file_size is not None:
+            idle += f"MaxFileSize {self.max_file_size}\n"
         # Runs as root (no User line): it reads only folders the test made.
         self.conf_path.write_text(f"""\
 Foreground yes
@@ -157,5 +161,7 @@ class Clamd:
     def start(lab: Lab, host: Host, dir: Path, *,
               tcp: tuple[str, int] | None = ("127.0.0.1", 3310),
               stream_max_length: str = "25M",
-              read_timeout: int | None = None) -> ClamdInstance:
-        return ClamdInstance(lab, host, dir, tcp, stream_max_length, read_timeout).start()
+              read_timeout: int | None = None,
+              max_file_size: str | None = None) -> ClamdInstance:
+        return ClamdInstance(lab, host, dir, tcp, stream_max_length, read_timeout,
+                             max_file_size).start()
