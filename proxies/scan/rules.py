@@ -159,7 +159,9 @@ def _zip_members(data: bytes, depth: int) -> Iterator[str]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError):
+        # NotImplementedError: a member needs a later zip version than Python reads ("zip
+        # file version 14.8"); like a damaged archive, it is left to the virus scanner.
         return
     for info in infos:
         yield info.filename
