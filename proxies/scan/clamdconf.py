@@ -15,12 +15,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from netsetup.configfile import parse_size
+
 __all__ = ["CLAMD_CONF", "ClamdLimits", "limit_warnings", "read_limits"]
 
 CLAMD_CONF = Path("/etc/clamav/clamd.conf")
 # clamd's built-in values for what its config file leaves out (clamd.conf(5)).
 _DEFAULTS = {"MaxFileSize": 100 << 20, "MaxScanSize": 400 << 20, "StreamMaxLength": 100 << 20}
-_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,6 @@ class ClamdLimits:
     max_scan_size: int
     stream_max_length: int
     alert_exceeds_max: bool
-
-
-def _size(text: str) -> int | None:
-    text = text.strip()
-    unit = _UNITS.get(text[-1:].lower(), 1)
-    number = text[:-1] if unit != 1 else text
-    return int(number) * unit if number.isdigit() else None
 
 
 def read_limits(path: Path) -> ClamdLimits | None:
@@ -54,8 +48,10 @@ def read_limits(path: Path) -> ClamdLimits | None:
             values[key] = value.strip()
 
     def size(key: str) -> int:
-        given = _size(values[key]) if key in values else None
-        return _DEFAULTS[key] if given is None else given
+        try:
+            return parse_size(values[key])
+        except (KeyError, ValueError):
+            return _DEFAULTS[key]
 
     socket = values.get("LocalSocket")
     return ClamdLimits(

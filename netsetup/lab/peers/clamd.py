@@ -85,8 +85,7 @@ class ClamdInstance:
             tcp = f"TCPSocket {self.address[1]}\nTCPAddr {self.address[0]}\n"
         # How long clamd waits for data, also for the next command of an IDSESSION.
         idle = "" if self.read_timeout is None else f"ReadTimeout {self.read_timeout}\n"
-        if self.max_file_size is not None:
-            idle += f"MaxFileSize {self.max_file_size}\n"
+        max_file = "" if self.max_file_size is None else f"MaxFileSize {self.max_file_size}\n"
         # Runs as root (no User line): it reads only folders the test made.
         self.conf_path.write_text(f"""\
 Foreground yes
@@ -100,7 +99,7 @@ LogTime yes
 TemporaryDirectory {self.dir / "tmp"}
 SelfCheck 0
 StreamMaxLength {self.stream_max_length}
-{idle}""")
+{idle}{max_file}""")
 
     def start(self, timeout: float = 30.0) -> ClamdInstance:
         self.dir.mkdir(parents=True, exist_ok=True)
