@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -35,8 +36,9 @@ class _GatedSMTP(SMTP):
             if not self.gate.admit(client):
                 logs.warning("smtp_connection_refused", client=client,
                              reason="connection limit")
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 Too many connections, try again later\r\n")
+                # uvloop's transports do not derive from asyncio's: no isinstance check.
+                cast(asyncio.WriteTransport, transport).write(
+                    b"421 Too many connections, try again later\r\n")
                 transport.close()
                 return
             self._client = client
