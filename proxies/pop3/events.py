@@ -100,9 +100,24 @@ class StartTls:
 
 
 @dataclass(frozen=True)
+class StreamScan:
+    """Start the scan `token` while the message arrives (ScanData brings its pieces); the Scan
+    with the same token ends it. Only where LayerSetup.streaming says the scanner can."""
+
+    token: int
+
+
+@dataclass(frozen=True)
+class ScanData:
+    token: int
+    data: bytes  # the next piece of the content (unstuffed)
+
+
+@dataclass(frozen=True)
 class Scan:
     """Scan `content`; answer ScanDone with the same `token` (more than one may run: a scan
-    ahead and the scan of a message that was not the one foreseen)."""
+    ahead and the scan of a message that was not the one foreseen). After a StreamScan with
+    the token: that scan's end, `content` the whole of what its ScanData brought."""
 
     content: bytes
     token: int
@@ -134,5 +149,5 @@ class Close:
     reply: bytes | None = None
 
 
-Command_ = (SendClient | SendServer | Connect | StartTls | Scan | CancelScan | Quarantine
-            | Passthrough | Close)
+Command_ = (SendClient | SendServer | Connect | StartTls | StreamScan | ScanData | Scan
+            | CancelScan | Quarantine | Passthrough | Close)

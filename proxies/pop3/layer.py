@@ -73,11 +73,13 @@ from proxies.pop3.events import (
     Quarantine,
     QuarantineDone,
     Scan,
+    ScanData,
     ScanDone,
     SendClient,
     SendServer,
     ServerReadable,
     StartTls,
+    StreamScan,
     Tick,
     TlsDone,
 )
@@ -169,6 +171,8 @@ class _Held:
     status: bytes
     keepalive: Keepalive
     stuffer: DotStuffer
+    # The token of the scan fed as the message arrives (StreamScan), until its verdict is in.
+    stream: int | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ class LayerSetup:
     scanning: bool  # a scanner is configured
     quarantining: bool  # replaced originals are kept
     our_certificate: bool  # terminate mode has a certificate to offer STLS with
+    streaming: bool = False  # the scanner can take a message while it arrives (StreamScan)
 
 
 class Pop3Layer:
@@ -612,13 +617,22 @@ class Pop3Layer:
                 raise _Abort(exc.reason) from None
             raise
         finally:
+            self._end_stream(held)  # the message was not finished, or its verdict was known
             spool.close()
+
+    def _end_stream(self, held: _Held) -> None:
+        if held.stream is not None:
+            self._emit(CancelScan(held.stream))
+            held.stream = None
 
     def _fetch_spooled(self, command: Command, key: CacheKey | None, held: _Held,
                        spool: Spool, started: float, ahead: _Ahead | None) -> Conversation:
         header: Header | None = None
         if ahead is not None:
             spool.write(ahead.content)
+        elif self.setup.streaming and not (key is not None and self.setup.cache.get(key)):
+            held.stream = next(self._tokens)
+            self._emit(StreamScan(held.stream))
         while ahead is None:
             event = yield from self._server_event(held)
             if isinstance(event, BodyData):
@@ -626,9 +640,12 @@ class Pop3Layer:
                     # It will not be scanned whatever comes, so nothing more need wait, and
                     # the spool (and the disk under it) never holds more than max_scan_size,
                     # even if the response never ends, as a hostile server's may not.
+                    self._end_stream(held)
                     yield from self._oversize(command, held, spool, event.data, started)
                     return
                 spool.write(event.data)
+                if held.stream is not None:
+                    self._emit(ScanData(held.stream, event.data))
                 if header is None and spool.size - len(event.data) < rewrite.HEADER_LIMIT:
                     header = parse_header(spool.head(rewrite.HEADER_LIMIT), False)
                     if header is not None:
@@ -653,7 +670,8 @@ class Pop3Layer:
             result = ahead.result or (
                 yield from self._scan_result(ahead.token, ahead.started, held))
         else:
-            result = yield from self._scan(spool.getvalue(), held)
+            token, held.stream = held.stream, None
+            result = yield from self._scan(spool.getvalue(), held, token)
         outcome = decide(result, self.config)
         tempfail_reason = ("message too large to scan" if result is None or result.oversize
                            else "content scanner failed")
@@ -795,8 +813,11 @@ class Pop3Layer:
         if step.content:
             self._to_client(held.stuffer.send(step.content))
 
-    def _scan(self, content: bytes, held: _Held) -> Generator[_Wait, Any, ScanResult]:
-        token = next(self._tokens)
+    def _scan(self, content: bytes, held: _Held,
+              token: int | None = None) -> Generator[_Wait, Any, ScanResult]:
+        """The verdict on `content`: a new scan, or the end of the stream `token`."""
+        if token is None:
+            token = next(self._tokens)
         self._emit(Scan(content, token))
         return (yield from self._scan_result(token, self.now, held))
 

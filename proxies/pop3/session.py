@@ -45,17 +45,19 @@ from proxies.pop3.events import (
     Quarantine,
     QuarantineDone,
     Scan,
+    ScanData,
     ScanDone,
     SendClient,
     SendServer,
     ServerReadable,
     StartTls,
+    StreamScan,
     Tick,
     TlsDone,
 )
 from proxies.pop3.layer import LayerSetup, Pop3Layer
 from proxies.pop3.link import Link
-from proxies.scan.api import ContentScanner, ScanResult
+from proxies.scan.api import ContentScanner, ScanResult, ScanStream, StreamingScanner
 from proxies.transparent import Address, ConnectionInfo, connect_socket
 
 __all__ = ["Pop3Session", "QuarantineStore", "SessionContext", "set_nodelay"]
@@ -123,7 +125,8 @@ class Pop3Session:
             config=context.config, ident=ident, client=info.client, destination=destination,
             cache=context.cache, hostname=context.hostname,
             scanning=context.scanner is not None, quarantining=context.quarantine is not None,
-            our_certificate=context.tls_server is not None), client.reader)
+            our_certificate=context.tls_server is not None,
+            streaming=isinstance(context.scanner, StreamingScanner)), client.reader)
         self.server_link = Link(self.layer.server, SERVER_BUFFER)
         self._loop = asyncio.get_running_loop()
         self._events: deque[Event] = deque()
@@ -132,6 +135,7 @@ class Pop3Session:
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scans: dict[int, asyncio.Task[Any]] = {}
+        self._streams: dict[int, ScanStream] = {}  # scans being fed, by token
         self._done: asyncio.Future[None] = self._loop.create_future()
         self.error: str | None = None
         self.started = time.monotonic()
@@ -181,6 +185,9 @@ class Pop3Session:
         self.layer.close()
         for task in list(self._tasks):
             task.cancel()
+        for stream in self._streams.values():
+            stream.cancel()
+        self._streams.clear()
         for link in (self.server_link, self.client_link):
             link.listener = None
             link.on_paused = link.on_writable = None
@@ -270,12 +277,21 @@ class Pop3Session:
                 self.client_link.write(command.data)
             elif isinstance(command, SendServer):
                 self.server_link.write(command.data)
+            elif isinstance(command, ScanData):
+                stream = self._streams.get(command.token)
+                if stream is not None:
+                    stream.feed(command.data)
+            elif isinstance(command, StreamScan):
+                self._start_stream(command.token)
             elif isinstance(command, Scan):
                 self._start_scan(command)
             elif isinstance(command, CancelScan):
                 task = self._scans.pop(command.token, None)
                 if task is not None:
                     task.cancel()
+                stream = self._streams.pop(command.token, None)
+                if stream is not None:
+                    stream.cancel()
             elif isinstance(command, Quarantine):
                 self._start(self._quarantine(command), "quarantine")
             elif isinstance(command, Connect):
@@ -332,11 +348,20 @@ class Pop3Session:
             return
         self._feed(TlsDone(command.side))
 
+    def _start_stream(self, token: int) -> None:
+        scanner = self.context.scanner
+        assert isinstance(scanner, StreamingScanner)
+        stream = scanner.stream()
+        if stream is not None:  # else the Scan at the message's end scans it whole
+            self._streams[token] = stream
+
     def _start_scan(self, command: Scan) -> None:
         scanner = self.context.scanner
         assert scanner is not None
         token = command.token
-        task = self._start(scanner.scan(command.content), "scan")
+        stream = self._streams.pop(token, None)
+        task = self._start(scanner.scan(command.content) if stream is None
+                           else stream.finish(command.content), "scan")
         self._scans[token] = task
 
         def scanned(task: asyncio.Task[ScanResult]) -> None:

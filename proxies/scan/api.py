@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 Verdict = Literal["clean", "spam", "virus", "banned", "failed"]
 # What a scanner that decides actions itself asked the MTA to do: rspamd's actions (its
@@ -86,3 +86,25 @@ class ScanResult:
 class ContentScanner(Protocol):
     async def scan(self, content: bytes, envelope: ScanEnvelope | None = None
                    ) -> ScanResult: ...
+
+
+class ScanStream(Protocol):
+    """A scan under way while the message still arrives (POP3: from the server).
+
+    `feed` never blocks and never fails: what cannot be streamed (a scanner that is slower than
+    the server, a connection that broke) is scanned whole by `finish`, which is given the whole
+    content for that, and for whatever judges only whole messages. `cancel` when the message
+    will not be finished (the server went away, it was too large, its verdict was known)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    async def finish(self, content: bytes) -> ScanResult: ...
+
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingScanner(ContentScanner, Protocol):
+    def stream(self) -> ScanStream | None:
+        """A scan to feed as the message arrives, or None when none can be started now."""
+        ...

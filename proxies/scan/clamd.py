@@ -11,6 +11,10 @@ about its threads, not sessions), writing the line `COMMAND READ TIMED OUT` (new
 NUL) before it closes, and a restarted clamd has closed them all. So a pooled session that turns
 out to be closed before it answered our command is retried once on a fresh one.
 
+`ClamdClient.stream` starts the INSTREAM while the message still arrives (the POP3 proxy feeds
+it from the server's response), so that clamd has the message soon after its last byte and only
+its scan is left to wait for (see ClamdStream).
+
 Sans-I/O parts (framing and reply parsing) are plain functions, tested without clamd.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,16 +32,26 @@ from proxies.scan.connection import Connection, ConnectionPool, ScannerError, co
 
 NAME = "clamd"
 CHUNK = 64 * 1024
+INSTREAM = b"zINSTREAM\0"
+END_OF_STREAM = struct.pack("!L", 0)
+# A stream that has this much waiting for clamd (clamd reads slower than the server sends) stops
+# streaming, and the message is scanned whole at its end: what waits is bounded.
+STREAM_BACKLOG = 1 << 20
 
 
 def instream_frames(content: bytes, chunk: int = CHUNK) -> Iterator[bytes]:
     """The bytes of one zINSTREAM command: command, length-prefixed chunks, end marker."""
-    yield b"zINSTREAM\0"
+    yield INSTREAM
+    yield from chunk_frames(content, chunk)
+    yield END_OF_STREAM
+
+
+def chunk_frames(content: bytes, chunk: int = CHUNK) -> Iterator[bytes]:
+    """`content` as INSTREAM chunks, each after its length."""
     view = memoryview(content)
     for start in range(0, len(content), chunk):
         piece = view[start:start + chunk]
         yield struct.pack("!L", len(piece)) + bytes(piece)
-    yield struct.pack("!L", 0)
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class ClamdClient:
         self.config = config
         self._slots = asyncio.Semaphore(config.concurrency)
         self._pool = ConnectionPool(config.concurrency)
+        self._streaming = 0  # ClamdStreams not yet done
 
     async def scan(self, content: bytes, envelope: ScanEnvelope | None = None) -> ScanResult:
         # `envelope` unused: clamd judges the content alone.
@@ -103,6 +119,44 @@ class ClamdClient:
             return ScanResult("failed", reason=_describe(exc))
         return result_from_reply(reply)
 
+    def stream(self) -> ClamdStream | None:
+        """An INSTREAM fed as the message arrives, or None when `concurrency` streams are
+        already being fed (the message is then scanned whole at its end, as `scan` does).
+        A stream takes one of the `concurrency` slots only for its end, when clamd scans: a
+        slow server's transfer holds a connection, not a scan."""
+        if self._streaming >= self.config.concurrency:
+            return None
+        self._streaming += 1
+        stream = ClamdStream(self)
+        stream.done.add_done_callback(self._stream_done)
+        return stream
+
+    def _stream_done(self, _task: object) -> None:
+        self._streaming -= 1
+
+    async def _session(self) -> Connection:
+        """A pooled IDSESSION, or a new one."""
+        session = self._pool.take()
+        if session is None:
+            session = await connect(self.config.address)
+            session.writer.write(b"zIDSESSION\0")
+        return session
+
+    async def _reply(self, session: Connection) -> ClamdReply:
+        """clamd's reply to the INSTREAM just sent on `session`, which goes back to the pool
+        unless the reply is an ERROR (after which clamd may end the session)."""
+        keep = False
+        try:
+            raw = await session.reader.readuntil(b"\0")
+            reply = parse_reply(raw[:-1], session.requests)
+            keep = reply.status != "ERROR"
+            return reply
+        finally:
+            if keep:
+                self._pool.give_back(session)
+            else:
+                session.close()
+
     async def _scan(self, content: bytes) -> ClamdReply:
         session = self._pool.take()
         if session is not None:
@@ -118,24 +172,111 @@ class ClamdClient:
 
     async def _command(self, session: Connection, content: bytes) -> ClamdReply:
         session.requests += 1
-        keep = False
         try:
             for frame in instream_frames(content):
                 session.writer.write(frame)
                 await session.writer.drain()
-            raw = await session.reader.readuntil(b"\0")
-            reply = parse_reply(raw[:-1], session.requests)
-            # After an ERROR clamd may end the session; start afresh next time.
-            keep = reply.status != "ERROR"
-            return reply
-        finally:
-            if keep:
-                self._pool.give_back(session)
-            else:
-                session.close()
+        except BaseException:
+            session.close()
+            raise
+        return await self._reply(session)
 
     def close(self) -> None:
         self._pool.close()
+
+
+class ClamdStream:
+    """One INSTREAM, fed while the message arrives; `finish` gives the verdict.
+
+    Streaming only saves time: whatever stops it (clamd reading slower than the server sends,
+    a pooled session clamd had closed, clamd gone, more than max_size) ends it quietly, and
+    `finish` then scans the whole content as `ClamdClient.scan` does. Only a reply, or no
+    reply within the timeout once the message is complete, is the stream's own answer.
+    """
+
+    def __init__(self, client: ClamdClient) -> None:
+        self._client = client
+        self._waiting: deque[bytes] = deque()
+        self._backlog = 0
+        self._fed = 0
+        self._complete = False
+        self._given_up = False
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="clamd-stream")
+
+    @property
+    def done(self) -> asyncio.Task[ClamdReply | None]:
+        """The stream's task: done once it has its reply, or has given up."""
+        return self._task
+
+    @property
+    def streaming(self) -> bool:
+        """False once it has given up or broken: `finish` will scan the whole content."""
+        return not self._given_up
+
+    def feed(self, data: bytes) -> None:
+        if self._given_up or not data:
+            return
+        self._fed += len(data)
+        self._backlog += len(data)
+        if self._fed > self._client.config.max_size or self._backlog > STREAM_BACKLOG:
+            self.cancel()
+            return
+        self._waiting.append(data)
+        self._wake.set()
+
+    async def finish(self, content: bytes) -> ScanResult:
+        self._complete = True
+        self._wake.set()
+        if not self._given_up:
+            try:
+                async with asyncio.timeout(self._client.config.timeout):
+                    reply = await self._task
+            except TimeoutError:
+                return ScanResult("failed", reason=f"{NAME}: no answer within "
+                                  f"{self._client.config.timeout:g} s", timed_out=True)
+            if reply is not None:
+                return result_from_reply(reply)
+        return await self._client.scan(content)
+
+    def cancel(self) -> None:
+        self._given_up = True
+        self._waiting.clear()
+        self._task.cancel()
+
+    async def _run(self) -> ClamdReply | None:
+        """clamd's reply, or None when the stream could not be completed."""
+        client = self._client
+        try:
+            session = await client._session()
+            session.requests += 1
+            try:
+                session.writer.write(INSTREAM)
+                while True:
+                    while self._waiting:
+                        data = self._waiting.popleft()
+                        self._backlog -= len(data)
+                        session.writer.writelines(chunk_frames(data))
+                        await session.writer.drain()
+                    if self._complete:
+                        break
+                    self._wake.clear()
+                    await self._wake.wait()
+                # The end marker starts clamd's scan: only within the scans' bound.
+                await client._slots.acquire()
+            except BaseException:
+                session.close()
+                raise
+            try:
+                session.writer.write(END_OF_STREAM)
+                return await client._reply(session)
+            finally:
+                client._slots.release()
+        except (OSError, ScannerError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            self._given_up = True
+            self._waiting.clear()
+            return None
 
 
 # What clamd writes on a session it ends for ReadTimeout (see the module's docstring).

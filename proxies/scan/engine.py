@@ -7,17 +7,21 @@ size cap, then every scanner at once. Their answers combine by severity:
 
 so a virus found by clamd is reported even when spamd timed out, and spam is never reported
 for a message that was not completely scanned (failed: [scan] fail_mode decides).
+
+`stream` is the same scan started while the message arrives: the scanners that can take a
+message in pieces (clamd) get it as it comes, and at its end the rules and the others get it
+whole, as `scan` gives it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from proxies import metrics
-from proxies.scan.api import ScanEnvelope, ScanResult
+from proxies.scan.api import ScanEnvelope, ScanResult, ScanStream
 from proxies.scan.rules import ContentRules
 
 # Messages bigger than this are parsed for the content rules in a thread, so a large
@@ -35,6 +39,11 @@ class ScannerClient(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class StreamingClient(ScannerClient, Protocol):
+    def stream(self) -> ScanStream | None: ...
+
+
 class MultiScanner:
     def __init__(self, clients: Sequence[ScannerClient], rules: ContentRules,
                  max_size: int) -> None:
@@ -47,6 +56,29 @@ class MultiScanner:
         return tuple(c.name for c in self.clients)
 
     async def scan(self, content: bytes, envelope: ScanEnvelope | None = None) -> ScanResult:
+        return await self._scan(content, envelope, {})
+
+    def stream(self) -> MultiStream | None:
+        """A scan fed as the message arrives (the POP3 proxy's), or None when no scanner
+        could start one now."""
+        streams: dict[int, ScanStream] = {}
+        for number, client in enumerate(self.clients):
+            if isinstance(client, StreamingClient):
+                stream = client.stream()
+                if stream is not None:
+                    streams[number] = stream
+        return MultiStream(self, streams) if streams else None
+
+    async def _scan(self, content: bytes, envelope: ScanEnvelope | None,
+                    streams: Mapping[int, ScanStream]) -> ScanResult:
+        try:
+            return await self._verdict(content, envelope, streams)
+        finally:
+            for stream in streams.values():  # those the rules or the size cap left unfinished
+                stream.cancel()
+
+    async def _verdict(self, content: bytes, envelope: ScanEnvelope | None,
+                       streams: Mapping[int, ScanStream]) -> ScanResult:
         if self.rules.active:
             started = time.monotonic()
             if len(content) > PARSE_IN_THREAD:
@@ -62,7 +94,12 @@ class MultiScanner:
         if len(content) > self.max_size:
             return ScanResult("failed", oversize=True, reason=f"message of {len(content)} "
                               f"bytes is over the scan limit of {self.max_size}")
-        results = await asyncio.gather(*(_timed(c, content, envelope) for c in self.clients))
+        if len(self.clients) == 1:  # the usual case, without gather's task and callbacks
+            return await _timed(self.clients[0], _answer(0, self.clients[0], content, envelope,
+                                                         streams))
+        results = await asyncio.gather(*(
+            _timed(client, _answer(number, client, content, envelope, streams))
+            for number, client in enumerate(self.clients)))
         return combine(results)
 
     def close(self) -> None:
@@ -70,15 +107,42 @@ class MultiScanner:
             client.close()
 
 
-async def _timed(client: ScannerClient, content: bytes,
-                 envelope: ScanEnvelope | None) -> ScanResult:
-    """One scanner's answer, told to the metrics with the time it took (per scanner, as
-    the scanners run in parallel and the slowest sets the message's wait)."""
-    started = time.monotonic()
+class MultiStream:
+    """MultiScanner.stream's scan: pieces go to the scanners streaming, and `finish` is
+    MultiScanner.scan with their answers in place of a whole scan."""
+
+    def __init__(self, scanner: MultiScanner, streams: Mapping[int, ScanStream]) -> None:
+        self.scanner = scanner
+        self.streams = streams
+
+    def feed(self, data: bytes) -> None:
+        for stream in self.streams.values():
+            stream.feed(data)
+
+    async def finish(self, content: bytes) -> ScanResult:
+        return await self.scanner._scan(content, None, self.streams)
+
+    def cancel(self) -> None:
+        for stream in self.streams.values():
+            stream.cancel()
+
+
+def _answer(number: int, client: ScannerClient, content: bytes, envelope: ScanEnvelope | None,
+            streams: Mapping[int, ScanStream]) -> Awaitable[ScanResult]:
+    stream = streams.get(number)
+    if stream is not None:
+        return stream.finish(content)
     # Without an envelope (POP3) call as before: a scanner that judges the content alone
     # need not take one.
-    result = await (client.scan(content) if envelope is None
-                    else client.scan(content, envelope))
+    return client.scan(content) if envelope is None else client.scan(content, envelope)
+
+
+async def _timed(client: ScannerClient, answer: Awaitable[ScanResult]) -> ScanResult:
+    """One scanner's answer, told to the metrics with the time it took (per scanner, as
+    the scanners run in parallel and the slowest sets the message's wait; for a stream, from
+    the message's end)."""
+    started = time.monotonic()
+    result = await answer
     metrics.current.scan(client.name, result.verdict, time.monotonic() - started)
     return result
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from proxies.pop3.cache import ScanCache
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.events import (
+    CancelScan,
     ClientLost,
     ClientPaused,
     ClientReadable,
@@ -33,9 +34,11 @@ from proxies.pop3.events import (
     Event,
     QuarantineDone,
     Scan,
+    ScanData,
     ScanDone,
     SendServer,
     ServerReadable,
+    StreamScan,
     Tick,
     TlsDone,
 )
@@ -66,7 +69,7 @@ def layer_for(choice: int) -> Pop3Layer:
         config=config, ident=1, client=("192.0.2.1", 1), destination=("198.51.100.1", 110),
         cache=ScanCache(3600.0 if choice & 8 else 0.0), hostname="gw.example",
         scanning=bool(choice & 16 or not choice & 32), quarantining=bool(choice & 64),
-        our_certificate=bool(choice & 128)))
+        our_certificate=bool(choice & 128), streaming=bool(choice & 2)))
 
 
 def steps(data: bytes) -> list[tuple[int, bytes]]:
@@ -91,6 +94,7 @@ def run(data: bytes) -> None:
     client_lines = bytearray()
     to_server = bytearray()
     scans: list[int] = []
+    streams: dict[int, int] = {}  # open streaming scans: token -> bytes fed
     closed = False
 
     def apply(commands: list[Command_]) -> None:
@@ -99,8 +103,18 @@ def run(data: bytes) -> None:
             assert not closed, f"{command} after the close"
             if isinstance(command, SendServer):
                 to_server.extend(command.data)
+            elif isinstance(command, StreamScan):
+                assert command.token not in streams and command.token not in scans
+                streams[command.token] = 0
+            elif isinstance(command, ScanData):
+                assert command.token in streams, f"{command} for no open stream"
+                streams[command.token] += len(command.data)
             elif isinstance(command, Scan):
+                if command.token in streams:  # its end: the whole of what was fed
+                    assert len(command.content) == streams.pop(command.token)
                 scans.append(command.token)
+            elif isinstance(command, CancelScan):
+                streams.pop(command.token, None)
             elif isinstance(command, Close):
                 assert command.error != "internal error"
                 if command.reply is not None:

@@ -297,6 +297,75 @@ def test_clamd_that_stops_answering_is_a_timeout(peers: Peers) -> None:
     assert again == EICAR_FOUND
 
 
+async def streamed(client: ClamdClient, content: bytes, piece: int,
+                   pause: float = 0.0) -> tuple[ScanResult, bool]:
+    """`content` through a clamd stream in pieces of `piece` bytes (after half of them, a
+    pause with the loop running); the verdict, and whether it was still streaming at the end."""
+    stream = client.stream()
+    assert stream is not None
+    pieces = [content[start:start + piece] for start in range(0, len(content), piece)]
+    for number, data in enumerate(pieces):
+        stream.feed(data)
+        await asyncio.sleep(0)  # the stream writes as the pieces come
+        if pause and number == len(pieces) // 2:
+            await asyncio.sleep(pause)
+    return await stream.finish(content), stream.streaming
+
+
+def test_clamd_stream_fed_in_pieces_finds_what_a_whole_scan_finds(peers: Peers) -> None:
+    """The POP3 proxy's streaming scan: EICAR split over pieces (7 bytes each, and clamd's
+    64 KiB chunks for the long one) is still found, and streams ride the pooled session as
+    whole scans do."""
+    found_before = len(found_on(peers))
+
+    async def main() -> tuple[list[tuple[str, bool]], list[list[int]]]:
+        client = ClamdClient(scanner(CLAMD_PORT))
+        try:
+            got, seen = [], []
+            for content, piece in ((CLEAN, 7), (ATTACHED, 7), (LONG, 50_000),
+                                   (ZIPPED, 1000), (ATTACHED + LONG, 30_000)):
+                result, streaming = await streamed(client, content, piece)
+                got.append((verdict(result), streaming))
+                seen.append(sessions(peers))
+            assert verdict(await client.scan(CLEAN)) == "clean"
+            seen.append(sessions(peers))
+            return got, seen
+        finally:
+            client.close()
+
+    got, seen = in_gateway(peers, main)
+    assert got == [("clean", True), (EICAR_FOUND, True), ("clean", True),
+                   (EICAR_FOUND, True), (EICAR_FOUND, True)]
+    assert seen == [seen[0]] * len(seen) and len(seen[0]) == 1, seen  # one session for all
+    assert found_on(peers)[found_before:] == seen[0] * 3  # clamd found them on it
+
+
+def test_clamd_stream_that_clamd_ends_midway_is_scanned_whole(peers: Peers) -> None:
+    """Two ways a stream breaks before its end: clamd ends it for ReadTimeout while the server
+    pauses; clamd refuses it past StreamMaxLength. The first still gets its verdict (a whole
+    scan, on a new session); the second is over the scan limit, as a whole scan says."""
+
+    async def main() -> tuple[tuple[ScanResult, bool], list[int], tuple[ScanResult, bool],
+                              list[int]]:
+        client = ClamdClient(scanner(CLAMD_PORT))
+        try:
+            assert verdict(await client.scan(CLEAN)) == "clean"
+            before = sessions(peers)
+            paused = await streamed(client, ATTACHED + LONG, 20_000, pause=READ_TIMEOUT + 1)
+            after = sessions(peers)
+            over = await streamed(client, b"x" * (2 * STREAM_MAX), 65536)
+            return paused, [*before, *after], over, sessions(peers)
+        finally:
+            client.close()
+
+    (paused, paused_streaming), ports, (over, _), last = in_gateway(peers, main)
+    assert verdict(paused) == EICAR_FOUND and not paused_streaming
+    assert len(ports) == 2 and ports[0] != ports[1], ports
+    assert over.verdict == "failed" and over.oversize, over
+    assert over.reason == "clamd: INSTREAM size limit exceeded"
+    assert len(last) <= 1
+
+
 # --- rspamd ---------------------------------------------------------------------------------
 
 

@@ -28,11 +28,13 @@ from proxies.pop3.events import (
     Quarantine,
     QuarantineDone,
     Scan,
+    ScanData,
     ScanDone,
     SendClient,
     SendServer,
     ServerReadable,
     StartTls,
+    StreamScan,
     Tick,
     TlsDone,
 )
@@ -56,14 +58,15 @@ class Script:
     wait to flush at once unless the test says the client is not reading."""
 
     def __init__(self, *, scanning: bool = False, quarantining: bool = True,
-                 certificate: bool = False, cache_ttl: float = 0.0, **config: Any) -> None:
+                 certificate: bool = False, cache_ttl: float = 0.0, streaming: bool = False,
+                 **config: Any) -> None:
         config.setdefault("scan_ahead", False)  # its own tests say when
         settings = replace(Pop3Config(), tls=config.pop("tls", "passthrough"), **config)
         self.layer = Pop3Layer(LayerSetup(
             config=settings, ident=1, client=("192.0.2.10", 40000),
             destination=("198.51.100.20", 110), cache=ScanCache(cache_ttl),
             hostname="gw.example", scanning=scanning, quarantining=quarantining,
-            our_certificate=certificate))
+            our_certificate=certificate, streaming=streaming))
         self.now = 0.0
         self.to_client = bytearray()
         self.to_server = bytearray()
@@ -554,6 +557,80 @@ def test_a_scan_that_never_answers_times_out_and_is_cancelled() -> None:
     # A verdict that comes after all is not taken for the next message's.
     script.event(ScanDone(CLEAN, script.scan_token))
     script.exchange(b"NOOP\r\n", b"+OK\r\n")
+
+
+def test_a_streaming_scan_is_fed_as_the_message_arrives() -> None:
+    """Where the scanner can take a message in pieces, each piece goes to it as it comes from
+    the server, and the Scan at the end, with the whole content, ends that same scan; still
+    nothing reaches the client before the verdict."""
+    script = Script(scanning=True, streaming=True)
+    content = message("streamed", b"line\r\n" * 2000)
+    script.logged_in()
+    script.client(b"RETR 1\r\n")
+    script.took_server()
+    response = retr_response(content)
+    script.server(response[:5000])
+    started = script.took()
+    assert isinstance(started[0], StreamScan) and script.took_client() == b""
+    token = started[0].token
+    script.server(response[5000:], piece=3000)
+    commands = started[1:] + script.took()
+    pieces = [c for c in commands if isinstance(c, ScanData)]
+    assert len(pieces) > 1 and {c.token for c in pieces} == {token}
+    assert b"".join(c.data for c in pieces) == content
+    assert commands[-1] == Scan(content, token) and script.took_client() == b""
+    script.event(ScanDone(VIRUS, token))
+    script.event(QuarantineDone("q-1"))
+    assert b"[VIRUS REMOVED]" in script.took_client()
+    assert not any(isinstance(c, CancelScan) for c in script.took())  # it ended with a verdict
+
+
+def test_a_streaming_scan_is_cancelled_when_the_message_does_not_end() -> None:
+    """The server closes mid-message, or the message turns out too large to scan: the scan
+    being fed is cancelled, not left holding a scanner's connection, and never ended with a
+    Scan."""
+    content = message("cut", b"x" * 70 + b"\r\n" + (b"y" * 70 + b"\r\n") * 1000)
+    for server_closes in (True, False):
+        script = Script(scanning=True, streaming=True, max_scan_size=65536,
+                        oversize_action="pass")
+        script.logged_in()
+        script.client(b"RETR 1\r\n")
+        script.took_server()
+        response = retr_response(content)
+        script.server(response[:30000])
+        if server_closes:
+            script.layer.server.receive_data(b"")
+            script.event(ServerReadable())
+        else:
+            script.server(response[30000:], piece=8000)
+        commands = script.took()
+        token = next(c.token for c in commands if isinstance(c, StreamScan))
+        assert not any(isinstance(c, Scan) for c in commands)
+        assert [c for c in commands if isinstance(c, CancelScan)] == [CancelScan(token)]
+        if server_closes:
+            assert script.took_client() == b""
+            assert any(isinstance(c, Close) for c in commands)
+        else:  # passed unscanned, whole
+            assert script.took_client() == response
+
+
+def test_no_streaming_scan_for_a_message_whose_verdict_is_remembered() -> None:
+    script = Script(scanning=True, streaming=True, cache_ttl=3600.0)
+    content = message("again", b"body\r\n")
+    script.logged_in()
+    script.exchange(b"UIDL 1\r\n", b"+OK 1 uid-one\r\n")
+    for fetch in range(2):
+        script.client(b"RETR 1\r\n")
+        script.took_server()
+        script.server(retr_response(content))
+        commands = script.took()
+        if fetch == 0:
+            token = next(c.token for c in commands if isinstance(c, StreamScan))
+            assert commands[-1] == Scan(content, token)
+            script.event(ScanDone(CLEAN, token))
+        else:
+            assert commands == []  # the cache's verdict: no scan at all
+        assert script.took_client() == retr_response(content)
 
 
 def test_a_slow_scan_keeps_the_client_alive_with_the_trace_fields() -> None:

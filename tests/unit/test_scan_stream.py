@@ -1,0 +1,192 @@
+"""Scans fed while the message arrives (MultiScanner.stream, ClamdStream), where no clamd is
+needed: which scanners stream and which get the whole message, what the content rules do to
+a stream, and each way a clamd stream gives up and leaves the message to a whole scan.
+(Against the real clamd: tests/lab/test_scan_peers.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from proxies.scan.api import ScanResult, StreamingScanner
+from proxies.scan.clamd import STREAM_BACKLOG, ClamdClient
+from proxies.scan.config import PolicyConfig, ScannerConfig, SocketAddress
+from proxies.scan.engine import MultiScanner
+from proxies.scan.rules import ContentRules
+from tests.unit.scan_messages import with_attachments
+
+MESSAGE = b"Subject: hi\r\n\r\n" + b"hello\r\n" * 100
+
+
+class WholeScanner:
+    """A scanner that takes only whole messages (as spamd)."""
+
+    def __init__(self, name: str = "spamd") -> None:
+        self.name = name
+        self.scanned: list[bytes] = []
+
+    async def scan(self, content: bytes) -> ScanResult:
+        self.scanned.append(content)
+        return ScanResult("clean", scanners=(self.name,))
+
+    def close(self) -> None:
+        pass
+
+
+class PieceStream:
+    def __init__(self, owner: PieceScanner) -> None:
+        self.owner = owner
+        self.pieces: list[bytes] = []
+        self.cancelled = False
+        self.finished: bytes | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    async def finish(self, content: bytes) -> ScanResult:
+        self.finished = content
+        whole = b"".join(self.pieces)
+        return ScanResult("virus" if b"EICAR" in whole else "clean", virus="Eicar" if
+                          b"EICAR" in whole else None, scanners=(self.owner.name,))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class PieceScanner(WholeScanner):
+    """A scanner that can take a message in pieces (as clamd), while it has room."""
+
+    def __init__(self, room: bool = True) -> None:
+        super().__init__("clamd")
+        self.room = room
+        self.streams: list[PieceStream] = []
+
+    def stream(self) -> PieceStream | None:
+        if not self.room:
+            return None
+        self.streams.append(PieceStream(self))
+        return self.streams[-1]
+
+
+def test_the_streaming_scanner_gets_the_pieces_and_the_others_the_whole_message() -> None:
+    pieces, whole = PieceScanner(), WholeScanner()
+    scanner = MultiScanner([pieces, whole], ContentRules(PolicyConfig()), 1 << 20)
+    assert isinstance(scanner, StreamingScanner)
+
+    async def main() -> ScanResult:
+        stream = scanner.stream()
+        assert stream is not None
+        content = MESSAGE + b"EICAR\r\n"
+        for start in range(0, len(content), 100):
+            stream.feed(content[start:start + 100])
+        return await stream.finish(content)
+
+    result = asyncio.run(main())
+    assert result.verdict == "virus" and result.scanners == ("clamd", "spamd")
+    assert len(pieces.streams[0].pieces) > 1
+    assert pieces.scanned == [] and whole.scanned == [MESSAGE + b"EICAR\r\n"]
+
+
+def test_no_stream_when_no_scanner_can_start_one() -> None:
+    for clients in ([WholeScanner()], [PieceScanner(room=False), WholeScanner()]):
+        assert MultiScanner(clients, ContentRules(PolicyConfig()), 1 << 20).stream() is None
+
+
+def test_a_banned_attachment_ends_the_stream_unfinished() -> None:
+    pieces = PieceScanner()
+    scanner = MultiScanner([pieces], ContentRules(PolicyConfig(banned_extensions=("exe",))),
+                           1 << 20)
+    content = with_attachments(("setup.exe", b"MZ", "application/octet-stream"))
+
+    async def main() -> ScanResult:
+        stream = scanner.stream()
+        assert stream is not None
+        stream.feed(content)
+        return await stream.finish(content)
+
+    assert asyncio.run(main()).verdict == "banned"
+    assert pieces.streams[0].cancelled and pieces.streams[0].finished is None
+
+
+def clamd_at(path: Path, max_size: int = 1 << 24, timeout: float = 5.0) -> ClamdClient:
+    return ClamdClient(ScannerConfig(SocketAddress(path=path), timeout=timeout,
+                                     max_size=max_size, concurrency=1))
+
+
+def test_a_clamd_stream_to_no_clamd_is_the_whole_scan_s_failure(tmp_path: Path) -> None:
+    async def main() -> tuple[ScanResult, ScanResult]:
+        client = clamd_at(tmp_path / "nowhere.sock")
+        stream = client.stream()
+        assert stream is not None
+        stream.feed(MESSAGE)
+        return await stream.finish(MESSAGE), await client.scan(MESSAGE)
+
+    streamed, whole = asyncio.run(main())
+    assert streamed.verdict == "failed" and streamed.reason == whole.reason
+
+
+def test_a_clamd_stream_over_max_size_gives_up_and_the_message_is_oversize(
+        tmp_path: Path) -> None:
+    async def main() -> tuple[bool, ScanResult]:
+        client = clamd_at(tmp_path / "nowhere.sock", max_size=500)
+        stream = client.stream()
+        assert stream is not None
+        stream.feed(MESSAGE[:400])
+        stream.feed(MESSAGE[400:])
+        return stream.streaming, await stream.finish(MESSAGE)
+
+    streaming, result = asyncio.run(main())
+    assert not streaming
+    assert result.verdict == "failed" and result.oversize
+
+
+def test_a_clamd_that_reads_slower_than_the_server_sends_ends_the_stream(
+        tmp_path: Path) -> None:
+    """A listener that accepts but never reads: what waits for it is bounded by
+    STREAM_BACKLOG; then the stream gives up, and the whole scan at the end times out."""
+    path = tmp_path / "stuck.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    piece = b"x" * 65536
+
+    async def main() -> tuple[int, ScanResult]:
+        client = clamd_at(path, timeout=0.3)
+        stream = client.stream()
+        assert stream is not None
+        fed = 0
+        while stream.streaming and fed < 64 * STREAM_BACKLOG:
+            stream.feed(piece)
+            fed += len(piece)
+            await asyncio.sleep(0)  # the stream's turn to write what it can
+        result = await stream.finish(piece * (fed // len(piece)))
+        client.close()
+        return fed, result
+
+    try:
+        fed, result = asyncio.run(main())
+    finally:
+        listener.close()
+    # The kernel's buffers took some; then at most STREAM_BACKLOG waited, and it gave up.
+    assert fed < 16 * STREAM_BACKLOG
+    assert result.verdict == "failed" and result.timed_out
+
+
+def test_at_most_concurrency_clamd_streams_at_once(tmp_path: Path) -> None:
+    """Each stream holds a connection while its server sends: no more than [scan]
+    concurrency of them; the message after that is scanned whole."""
+    async def main() -> tuple[list[bool], bool]:
+        client = ClamdClient(ScannerConfig(SocketAddress(path=tmp_path / "nowhere.sock"),
+                                           timeout=1.0, max_size=1 << 20, concurrency=2))
+        streams = [client.stream() for _ in range(3)]
+        opened = [stream is not None for stream in streams]
+        for stream in streams:
+            if stream is not None:
+                stream.cancel()
+        await asyncio.gather(*(s.done for s in streams if s is not None),
+                             return_exceptions=True)
+        await asyncio.sleep(0)  # their done callbacks
+        return opened, client.stream() is not None
+
+    assert asyncio.run(main()) == ([True, True, False], True)
