@@ -628,11 +628,12 @@ class Pop3Layer:
     def _fetch_spooled(self, command: Command, key: CacheKey | None, held: _Held,
                        spool: Spool, started: float, ahead: _Ahead | None) -> Conversation:
         header: Header | None = None
+        # Streamed from its second piece on: a message that comes in one read gains nothing
+        # from it, and would pay for a second scan task.
+        may_stream = (ahead is None and self.setup.streaming
+                      and not (key is not None and self.setup.cache.get(key)))
         if ahead is not None:
             spool.write(ahead.content)
-        elif self.setup.streaming and not (key is not None and self.setup.cache.get(key)):
-            held.stream = next(self._tokens)
-            self._emit(StreamScan(held.stream))
         while ahead is None:
             event = yield from self._server_event(held)
             if isinstance(event, BodyData):
@@ -643,6 +644,11 @@ class Pop3Layer:
                     self._end_stream(held)
                     yield from self._oversize(command, held, spool, event.data, started)
                     return
+                if may_stream and spool.size:
+                    may_stream = False
+                    held.stream = next(self._tokens)
+                    self._emit(StreamScan(held.stream))
+                    self._emit(ScanData(held.stream, spool.head(spool.size)))
                 spool.write(event.data)
                 if held.stream is not None:
                     self._emit(ScanData(held.stream, event.data))

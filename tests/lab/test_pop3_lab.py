@@ -40,7 +40,7 @@ from netsetup.lab.peers._common import (
     user_ids,
     wait_exit,
 )
-from netsetup.lab.peers.clamd import Clamd
+from netsetup.lab.peers.clamd import EICAR, Clamd
 from netsetup.lab.peers.dovecot import DovecotInstance
 from netsetup.lab.peers.spamd import Spamd
 from netsetup.lab.topology import Lab
@@ -50,6 +50,7 @@ from tests.lab.test_interception import (
     bypass_address,
     network_config,
 )
+from tests.unit.scan_messages import with_attachments
 from tests.unit.test_pop3_support import (
     GTUBE,
     eicar_message,
@@ -277,6 +278,23 @@ def test_poplib_on_uvloop(lab_factory: LabFactory, tmp_path: Path) -> None:
     clean, notice = gateway.pop(4, lambda pop: [retr(pop, 1), retr(pop, 2)])
     assert clean == files[0]
     assert b"[VIRUS REMOVED]" in notice and b"WDVPIVAlQEFQ" not in notice
+
+
+def test_large_messages_scanned_as_they_arrive(lab_factory: LabFactory, tmp_path: Path) -> None:
+    """Messages of some MB come in many reads, and stream into clamd as they come: the EICAR
+    attachment behind 3 MB of text is found, and the clean one arrives byte for byte."""
+    gateway = _gateway(lab_factory("router", make_bridge=False), tmp_path)
+    padding = ("padding.txt", b"Nothing to see here.\r\n" * 140_000, "text/plain")
+    infected = with_attachments(padding, ("eicar.com", EICAR, "application/octet-stream"))
+    clean = with_attachments(padding)
+    files = deliver(gateway, clean, infected)
+    gateway.start_proxy()
+    got_clean, notice = gateway.pop(4, lambda pop: [retr(pop, 1), retr(pop, 2)], timeout=60)
+    assert got_clean == files[0]
+    assert b"[VIRUS REMOVED]" in notice and b"Eicar-Test-Signature" in notice
+    events = gateway.events("pop3_message")
+    assert [(e["verdict"], e["size"] > 3_000_000) for e in events] == [
+        ("clean", True), ("virus", True)], events
 
 
 def test_scan_ahead_with_dovecot_and_clamd(lab_factory: LabFactory, tmp_path: Path) -> None:

@@ -561,8 +561,9 @@ def test_a_scan_that_never_answers_times_out_and_is_cancelled() -> None:
 
 def test_a_streaming_scan_is_fed_as_the_message_arrives() -> None:
     """Where the scanner can take a message in pieces, each piece goes to it as it comes from
-    the server, and the Scan at the end, with the whole content, ends that same scan; still
-    nothing reaches the client before the verdict."""
+    the server (from the second on: a message in one piece is scanned whole), and the Scan at
+    the end, with the whole content, ends that same scan; still nothing reaches the client
+    before the verdict."""
     script = Script(scanning=True, streaming=True)
     content = message("streamed", b"line\r\n" * 2000)
     script.logged_in()
@@ -570,11 +571,12 @@ def test_a_streaming_scan_is_fed_as_the_message_arrives() -> None:
     script.took_server()
     response = retr_response(content)
     script.server(response[:5000])
-    started = script.took()
-    assert isinstance(started[0], StreamScan) and script.took_client() == b""
-    token = started[0].token
+    assert script.took() == [] and script.took_client() == b""  # one piece: maybe the whole
     script.server(response[5000:], piece=3000)
-    commands = started[1:] + script.took()
+    commands = script.took()
+    assert isinstance(commands[0], StreamScan) and script.took_client() == b""
+    token = commands[0].token
+    commands = commands[1:]
     pieces = [c for c in commands if isinstance(c, ScanData)]
     assert len(pieces) > 1 and {c.token for c in pieces} == {token}
     assert b"".join(c.data for c in pieces) == content
@@ -597,7 +599,7 @@ def test_a_streaming_scan_is_cancelled_when_the_message_does_not_end() -> None:
         script.client(b"RETR 1\r\n")
         script.took_server()
         response = retr_response(content)
-        script.server(response[:30000])
+        script.server(response[:30000], piece=10000)
         if server_closes:
             script.layer.server.receive_data(b"")
             script.event(ServerReadable())
@@ -614,6 +616,19 @@ def test_a_streaming_scan_is_cancelled_when_the_message_does_not_end() -> None:
             assert script.took_client() == response
 
 
+def test_a_message_in_one_piece_is_scanned_whole() -> None:
+    script = Script(scanning=True, streaming=True)
+    content = message("short", b"body\r\n")
+    script.logged_in()
+    script.client(b"RETR 1\r\n")
+    script.took_server()
+    script.server(retr_response(content))
+    (scan,) = script.took()
+    assert isinstance(scan, Scan) and scan.content == content
+    script.event(ScanDone(CLEAN, scan.token))
+    assert script.took_client() == retr_response(content) and script.took() == []
+
+
 def test_no_streaming_scan_for_a_message_whose_verdict_is_remembered() -> None:
     script = Script(scanning=True, streaming=True, cache_ttl=3600.0)
     content = message("again", b"body\r\n")
@@ -622,7 +637,7 @@ def test_no_streaming_scan_for_a_message_whose_verdict_is_remembered() -> None:
     for fetch in range(2):
         script.client(b"RETR 1\r\n")
         script.took_server()
-        script.server(retr_response(content))
+        script.server(retr_response(content), piece=40)
         commands = script.took()
         if fetch == 0:
             token = next(c.token for c in commands if isinstance(c, StreamScan))
