@@ -126,7 +126,8 @@ class Pop3Session:
             cache=context.cache, hostname=context.hostname,
             scanning=context.scanner is not None, quarantining=context.quarantine is not None,
             our_certificate=context.tls_server is not None,
-            streaming=isinstance(context.scanner, StreamingScanner)), client.reader)
+            streaming=isinstance(context.scanner, StreamingScanner)
+            and context.scanner.can_stream), client.reader)
         self.server_link = Link(self.layer.server, SERVER_BUFFER)
         self._loop = asyncio.get_running_loop()
         self._events: deque[Event] = deque()
@@ -362,6 +363,9 @@ class Pop3Session:
         stream = self._streams.pop(token, None)
         task = self._start(scanner.scan(command.content) if stream is None
                            else stream.finish(command.content), "scan")
+        if stream is not None:
+            # A task cancelled before its first step never runs `finish`, which ends it.
+            task.add_done_callback(lambda _task: stream.cancel())
         self._scans[token] = task
 
         def scanned(task: asyncio.Task[ScanResult]) -> None:

@@ -105,6 +105,11 @@ class ScanStream(Protocol):
 
 @runtime_checkable
 class StreamingScanner(ContentScanner, Protocol):
+    @property
+    def can_stream(self) -> bool:
+        """Whether `stream` can ever give a stream (a scanner configured that takes pieces)."""
+        ...
+
     def stream(self) -> ScanStream | None:
         """A scan to feed as the message arrives, or None when none can be started now."""
         ...

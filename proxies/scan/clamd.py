@@ -142,11 +142,14 @@ class ClamdClient:
             session.writer.write(b"zIDSESSION\0")
         return session
 
-    async def _reply(self, session: Connection) -> ClamdReply:
-        """clamd's reply to the INSTREAM just sent on `session`, which goes back to the pool
-        unless the reply is an ERROR (after which clamd may end the session)."""
+    async def _reply(self, session: Connection, last: bytes = b"") -> ClamdReply:
+        """clamd's reply to the INSTREAM sent on `session` (once `last` is written too), which
+        goes back to the pool unless the reply is an ERROR (after which clamd may end the
+        session)."""
         keep = False
         try:
+            if last:
+                session.writer.write(last)
             raw = await session.reader.readuntil(b"\0")
             reply = parse_reply(raw[:-1], session.requests)
             keep = reply.status != "ERROR"
@@ -228,16 +231,19 @@ class ClamdStream:
     async def finish(self, content: bytes) -> ScanResult:
         self._complete = True
         self._wake.set()
-        if not self._given_up:
-            try:
-                async with asyncio.timeout(self._client.config.timeout):
+        timeout = self._client.config.timeout
+        # One timeout for the stream's end and any whole scan after it: never twice as long.
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                if not self._given_up:
                     reply = await self._task
-            except TimeoutError:
-                return ScanResult("failed", reason=f"{NAME}: no answer within "
-                                  f"{self._client.config.timeout:g} s", timed_out=True)
-            if reply is not None:
-                return result_from_reply(reply)
-        return await self._client.scan(content)
+                    if reply is not None:
+                        return result_from_reply(reply)
+                return await self._client.scan(content)
+        except TimeoutError:
+            return ScanResult("failed", reason=f"{NAME}: no answer within {timeout:g} s",
+                              timed_out=True)
 
     def cancel(self) -> None:
         self._given_up = True
@@ -248,7 +254,8 @@ class ClamdStream:
         """clamd's reply, or None when the stream could not be completed."""
         client = self._client
         try:
-            session = await client._session()
+            async with asyncio.timeout(client.config.timeout):
+                session = await client._session()
             session.requests += 1
             try:
                 session.writer.write(INSTREAM)
@@ -268,12 +275,11 @@ class ClamdStream:
                 session.close()
                 raise
             try:
-                session.writer.write(END_OF_STREAM)
-                return await client._reply(session)
+                return await client._reply(session, END_OF_STREAM)
             finally:
                 client._slots.release()
         except (OSError, ScannerError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError):
+                asyncio.LimitOverrunError, TimeoutError):
             self._given_up = True
             self._waiting.clear()
             return None

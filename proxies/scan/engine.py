@@ -58,6 +58,10 @@ class MultiScanner:
     async def scan(self, content: bytes, envelope: ScanEnvelope | None = None) -> ScanResult:
         return await self._scan(content, envelope, {})
 
+    @property
+    def can_stream(self) -> bool:
+        return any(isinstance(client, StreamingClient) for client in self.clients)
+
     def stream(self) -> MultiStream | None:
         """A scan fed as the message arrives (the POP3 proxy's), or None when no scanner
         could start one now."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxies.pop3.cache import ScanCache
+from proxies.pop3.cache import CacheKey, ScanCache
 from proxies.pop3.config import Pop3Config
 from proxies.pop3.events import (
     CancelScan,
@@ -614,6 +614,29 @@ def test_a_streaming_scan_is_cancelled_when_the_message_does_not_end() -> None:
             assert any(isinstance(c, Close) for c in commands)
         else:  # passed unscanned, whole
             assert script.took_client() == response
+
+
+def test_a_verdict_cached_meanwhile_ends_the_stream_before_the_delivery() -> None:
+    """Another session of the mailbox scanned the message while this one streamed it: the
+    cached verdict is used, and the stream ends at once, not after a slow client's read."""
+    script = Script(scanning=True, streaming=True, cache_ttl=3600.0, max_scan_size=8 << 20)
+    content = message("big", b"line of the body\r\n" * 150000)  # several CHUNKs to deliver
+    script.logged_in()
+    script.exchange(b"UIDL 1\r\n", b"+OK 1 uid-one\r\n")
+    script.client(b"RETR 1\r\n")
+    script.took_server()
+    response = retr_response(content)
+    script.server(response[:10000], piece=5000)
+    token = next(c.token for c in script.took() if isinstance(c, StreamScan))
+    layer = script.layer
+    assert layer.user is not None
+    layer.setup.cache.put(CacheKey(layer.setup.destination, layer.user,
+                                   layer.facts.uidls[b"1"], "RETR"), CLEAN)
+    script.paused = True  # a slow client
+    script.server(response[10000:], piece=65536)
+    commands = script.took()
+    assert not any(isinstance(c, Scan) for c in commands) and CancelScan(token) in commands
+    assert layer.waiting == "flush"  # the delivery has only begun
 
 
 def test_a_message_in_one_piece_is_scanned_whole() -> None:

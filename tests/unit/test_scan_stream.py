@@ -6,7 +6,9 @@ a stream, and each way a clamd stream gives up and leaves the message to a whole
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
 from pathlib import Path
 
 from proxies.scan.api import ScanResult, StreamingScanner
@@ -89,8 +91,11 @@ def test_the_streaming_scanner_gets_the_pieces_and_the_others_the_whole_message(
 
 
 def test_no_stream_when_no_scanner_can_start_one() -> None:
-    for clients in ([WholeScanner()], [PieceScanner(room=False), WholeScanner()]):
-        assert MultiScanner(clients, ContentRules(PolicyConfig()), 1 << 20).stream() is None
+    rules = ContentRules(PolicyConfig())
+    only_whole = MultiScanner([WholeScanner()], rules, 1 << 20)
+    assert not only_whole.can_stream and only_whole.stream() is None  # the layer never asks
+    busy = MultiScanner([PieceScanner(room=False), WholeScanner()], rules, 1 << 20)
+    assert busy.can_stream and busy.stream() is None
 
 
 def test_a_banned_attachment_ends_the_stream_unfinished() -> None:
@@ -190,3 +195,41 @@ def test_at_most_concurrency_clamd_streams_at_once(tmp_path: Path) -> None:
         return opened, client.stream() is not None
 
     assert asyncio.run(main()) == ([True, True, False], True)
+
+
+def test_a_clamd_stream_and_its_whole_scan_share_one_timeout(tmp_path: Path) -> None:
+    """A clamd that closes the stream's session late, then is slow to answer the whole scan
+    (faults a real clamd does not make on demand): the verdict still comes within [scan]
+    timeout of the message's end, not twice that."""
+    path = tmp_path / "late.sock"
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\0\0\0\0")  # zIDSESSION, zINSTREAM, ..., the end marker
+            await asyncio.sleep(0.6)
+            if not first:
+                writer.write(b"1: stream: OK\0")
+                await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[float, ScanResult]:
+        server = await asyncio.start_unix_server(serve, path=str(path))
+        client = clamd_at(path, timeout=1.0)
+        stream = client.stream()
+        assert stream is not None
+        stream.feed(MESSAGE)
+        started = time.monotonic()
+        result = await stream.finish(MESSAGE)
+        took = time.monotonic() - started
+        client.close()
+        server.close()
+        return took, result
+
+    took, result = asyncio.run(main())
+    assert connections == 2  # the stream's, then the whole scan's
+    assert result.verdict == "failed" and result.timed_out, result
+    assert took < 1.3, took
