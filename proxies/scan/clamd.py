@@ -39,19 +39,13 @@ END_OF_STREAM = struct.pack("!L", 0)
 STREAM_BACKLOG = 1 << 20
 
 
-def instream_frames(content: bytes, chunk: int = CHUNK) -> Iterator[bytes]:
-    """The bytes of one zINSTREAM command: command, length-prefixed chunks, end marker."""
-    yield INSTREAM
-    yield from chunk_frames(content, chunk)
-    yield END_OF_STREAM
-
-
-def chunk_frames(content: bytes, chunk: int = CHUNK) -> Iterator[bytes]:
-    """`content` as INSTREAM chunks, each after its length."""
+def instream_chunks(content: bytes, chunk: int = CHUNK) -> Iterator[tuple[bytes, memoryview]]:
+    """`content` as zINSTREAM chunks: each one's length prefix and a view of its bytes (written
+    as they are: no copy of the content)."""
     view = memoryview(content)
     for start in range(0, len(content), chunk):
         piece = view[start:start + chunk]
-        yield struct.pack("!L", len(piece)) + bytes(piece)
+        yield struct.pack("!L", len(piece)), piece
 
 
 @dataclass(frozen=True)
@@ -176,9 +170,12 @@ class ClamdClient:
     async def _command(self, session: Connection, content: bytes) -> ClamdReply:
         session.requests += 1
         try:
-            for frame in instream_frames(content):
-                session.writer.write(frame)
-                await session.writer.drain()
+            session.writer.write(INSTREAM)
+            for prefix, piece in instream_chunks(content):
+                session.writer.write(prefix)
+                session.writer.write(piece)
+                await session.writer.drain()  # at most a chunk waits beyond the buffer
+            session.writer.write(END_OF_STREAM)
         except BaseException:
             session.close()
             raise
@@ -263,7 +260,9 @@ class ClamdStream:
                     while self._waiting:
                         data = self._waiting.popleft()
                         self._backlog -= len(data)
-                        session.writer.writelines(chunk_frames(data))
+                        for prefix, piece in instream_chunks(data):
+                            session.writer.write(prefix)
+                            session.writer.write(piece)
                         await session.writer.drain()
                     if self._complete:
                         break

@@ -201,3 +201,23 @@ def test_spool_moves_to_disk_above_the_threshold(tmp_path: Path) -> None:
     assert b"".join(spool.chunks(3, size=4)) == b"3456789abc"
     assert list(tmp_path.iterdir()) == []  # unlinked from the start
     spool.close()
+
+
+def test_spool_in_memory_keeps_the_pieces_it_was_given() -> None:
+    pieces = [b"0123456", b"789", b"abcdefghij"]
+    spool = Spool(threshold=1 << 20)
+    for piece in pieces:
+        spool.write(piece)
+    assert not spool.on_disk and spool.size == 20
+    assert [c is p for c, p in zip(spool.chunks(), pieces, strict=True)] == [True] * 3
+    assert spool.head(9) == b"012345678" and spool.head(100) == b"0123456789abcdefghij"
+    for start in range(21):
+        for size in (1, 4, 100):
+            chunks = list(spool.chunks(start, size=size))
+            assert b"".join(chunks) == b"0123456789abcdefghij"[start:]
+            assert all(len(c) <= max(size, 10) for c in chunks)
+    whole = spool.getvalue()
+    assert whole == b"0123456789abcdefghij" and next(spool.chunks()) is whole  # joined once
+    single = Spool(threshold=1 << 20)
+    single.write(pieces[2])
+    assert single.getvalue() is pieces[2]  # one read: never copied

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxies.scan import clamd, rspamd, spamd
-from proxies.scan.clamd import ClamdClient, instream_frames
+from proxies.scan.clamd import ClamdClient, instream_chunks
 from proxies.scan.config import ScannerConfig, SocketAddress
 from proxies.scan.connection import ScannerError
 from proxies.scan.rspamd import RspamdClient
@@ -31,9 +31,8 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 def test_instream_framing() -> None:
-    frames = list(instream_frames(b"abcdefghij", chunk=4))
-    assert frames == [b"zINSTREAM\0", b"\0\0\0\4abcd", b"\0\0\0\4efgh", b"\0\0\0\2ij",
-                      b"\0\0\0\0"]
+    chunks = [prefix + bytes(piece) for prefix, piece in instream_chunks(b"abcdefghij", 4)]
+    assert chunks == [b"\0\0\0\4abcd", b"\0\0\0\4efgh", b"\0\0\0\2ij"]
 
 
 @pytest.mark.parametrize(("raw", "session", "status", "detail"), [
