@@ -83,6 +83,20 @@ class MultiScanner:
 
     async def _verdict(self, content: bytes, envelope: ScanEnvelope | None,
                        streams: Mapping[int, ScanStream]) -> ScanResult:
+        early: dict[int, asyncio.Task[ScanResult]] = {}
+        if streams and self.rules.active and len(content) <= self.max_size:
+            # A stream's end starts clamd's scan: now, while the rules parse the message.
+            early = {number: asyncio.ensure_future(stream.finish(content))
+                     for number, stream in streams.items()}
+        try:
+            return await self._answers(content, envelope, streams, early)
+        finally:
+            for task in early.values():  # a banned message's: not needed
+                task.cancel()
+
+    async def _answers(self, content: bytes, envelope: ScanEnvelope | None,
+                       streams: Mapping[int, ScanStream],
+                       early: Mapping[int, Awaitable[ScanResult]]) -> ScanResult:
         if self.rules.active:
             started = time.monotonic()
             if len(content) > PARSE_IN_THREAD:
@@ -100,9 +114,9 @@ class MultiScanner:
                               f"bytes is over the scan limit of {self.max_size}")
         if len(self.clients) == 1:  # the usual case, without gather's task and callbacks
             return await _timed(self.clients[0], _answer(0, self.clients[0], content, envelope,
-                                                         streams))
+                                                         streams, early))
         results = await asyncio.gather(*(
-            _timed(client, _answer(number, client, content, envelope, streams))
+            _timed(client, _answer(number, client, content, envelope, streams, early))
             for number, client in enumerate(self.clients)))
         return combine(results)
 
@@ -132,7 +146,10 @@ class MultiStream:
 
 
 def _answer(number: int, client: ScannerClient, content: bytes, envelope: ScanEnvelope | None,
-            streams: Mapping[int, ScanStream]) -> Awaitable[ScanResult]:
+            streams: Mapping[int, ScanStream],
+            early: Mapping[int, Awaitable[ScanResult]]) -> Awaitable[ScanResult]:
+    if number in early:
+        return early[number]
     stream = streams.get(number)
     if stream is not None:
         return stream.finish(content)

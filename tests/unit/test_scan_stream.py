@@ -14,7 +14,7 @@ from pathlib import Path
 from proxies.scan.api import ScanResult, StreamingScanner
 from proxies.scan.clamd import STREAM_BACKLOG, ClamdClient
 from proxies.scan.config import PolicyConfig, ScannerConfig, SocketAddress
-from proxies.scan.engine import MultiScanner
+from proxies.scan.engine import PARSE_IN_THREAD, MultiScanner
 from proxies.scan.rules import ContentRules
 from tests.unit.scan_messages import with_attachments
 
@@ -112,6 +112,25 @@ def test_a_banned_attachment_ends_the_stream_unfinished() -> None:
 
     assert asyncio.run(main()).verdict == "banned"
     assert pieces.streams[0].cancelled and pieces.streams[0].finished is None
+
+
+def test_the_stream_s_scan_runs_while_the_rules_parse_a_large_message() -> None:
+    """Over PARSE_IN_THREAD the rules parse in a thread: meanwhile the stream's end has
+    started clamd's scan; a banned verdict still wins, and the stream ends with it."""
+    pieces = PieceScanner()
+    scanner = MultiScanner([pieces], ContentRules(PolicyConfig(banned_extensions=("exe",))),
+                           1 << 22)
+    content = with_attachments(("setup.exe", b"MZ" + b"\0" * PARSE_IN_THREAD,
+                                "application/octet-stream"))
+
+    async def main() -> ScanResult:
+        stream = scanner.stream()
+        assert stream is not None
+        stream.feed(content)
+        return await stream.finish(content)
+
+    assert asyncio.run(main()).verdict == "banned"
+    assert pieces.streams[0].finished == content and pieces.streams[0].cancelled
 
 
 def clamd_at(path: Path, max_size: int = 1 << 24, timeout: float = 5.0) -> ClamdClient:
