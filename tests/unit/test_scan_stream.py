@@ -98,19 +98,28 @@ def test_no_stream_when_no_scanner_can_start_one() -> None:
     assert busy.can_stream and busy.stream() is None
 
 
-def test_a_banned_attachment_ends_the_stream_unfinished() -> None:
-    pieces = PieceScanner()
-    scanner = MultiScanner([pieces], ContentRules(PolicyConfig(banned_extensions=("exe",))),
-                           1 << 20)
-    content = with_attachments(("setup.exe", b"MZ", "application/octet-stream"))
-
+def streamed_whole(scanner: MultiScanner, content: bytes) -> ScanResult:
+    """`content` fed to a stream of `scanner` in one piece, and its verdict."""
     async def main() -> ScanResult:
         stream = scanner.stream()
         assert stream is not None
         stream.feed(content)
         return await stream.finish(content)
 
-    assert asyncio.run(main()).verdict == "banned"
+    return asyncio.run(main())
+
+
+def banning(scanner: PieceScanner, max_size: int) -> MultiScanner:
+    return MultiScanner([scanner], ContentRules(PolicyConfig(banned_extensions=("exe",))),
+                        max_size)
+
+
+def test_a_banned_attachment_ends_the_stream_unfinished() -> None:
+    pieces = PieceScanner()
+    scanner = banning(pieces, 1 << 20)
+    content = with_attachments(("setup.exe", b"MZ", "application/octet-stream"))
+
+    assert streamed_whole(scanner, content).verdict == "banned"
     assert pieces.streams[0].cancelled and pieces.streams[0].finished is None
 
 
@@ -118,18 +127,11 @@ def test_the_stream_s_scan_runs_while_the_rules_parse_a_large_message() -> None:
     """Over PARSE_IN_THREAD the rules parse in a thread: meanwhile the stream's end has
     started clamd's scan; a banned verdict still wins, and the stream ends with it."""
     pieces = PieceScanner()
-    scanner = MultiScanner([pieces], ContentRules(PolicyConfig(banned_extensions=("exe",))),
-                           1 << 22)
+    scanner = banning(pieces, 1 << 22)
     content = with_attachments(("setup.exe", b"MZ" + b"\0" * PARSE_IN_THREAD,
                                 "application/octet-stream"))
 
-    async def main() -> ScanResult:
-        stream = scanner.stream()
-        assert stream is not None
-        stream.feed(content)
-        return await stream.finish(content)
-
-    assert asyncio.run(main()).verdict == "banned"
+    assert streamed_whole(scanner, content).verdict == "banned"
     assert pieces.streams[0].finished == content and pieces.streams[0].cancelled
 
 
