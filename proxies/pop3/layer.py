@@ -668,11 +668,10 @@ class Pop3Layer:
         cache = self.setup.cache
         cached = cache.get(key) if key is not None else None
         quarantine_id = cached.quarantine_id if cached else None
-        if cached is not None:  # what was started for it is not needed
+        if cached is not None:  # and what was started for it is not needed
             self._end_stream(held)
             if ahead is not None:
                 self._cancel(ahead)
-        if cached is not None:
             result: ScanResult | None = cached.result
         elif ahead is not None:
             result = ahead.result or (

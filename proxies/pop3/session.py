@@ -101,6 +101,15 @@ class SessionContext:
     tls_client: ssl.SSLContext | None  # towards servers
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
+    @functools.cached_property
+    def streaming_scanner(self) -> StreamingScanner | None:
+        """The scanner, if it can take messages as they arrive (decided once: a runtime
+        protocol check is slow)."""
+        scanner = self.scanner
+        if isinstance(scanner, StreamingScanner) and scanner.can_stream:
+            return scanner
+        return None
+
     def spawn(self, coroutine: object, name: str) -> asyncio.Task[Any]:
         """A named task the proxy keeps a reference to until it ends."""
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(
@@ -126,8 +135,7 @@ class Pop3Session:
             cache=context.cache, hostname=context.hostname,
             scanning=context.scanner is not None, quarantining=context.quarantine is not None,
             our_certificate=context.tls_server is not None,
-            streaming=isinstance(context.scanner, StreamingScanner)
-            and context.scanner.can_stream), client.reader)
+            streaming=context.streaming_scanner is not None), client.reader)
         self.server_link = Link(self.layer.server, SERVER_BUFFER)
         self._loop = asyncio.get_running_loop()
         self._events: deque[Event] = deque()
@@ -350,8 +358,8 @@ class Pop3Session:
         self._feed(TlsDone(command.side))
 
     def _start_stream(self, token: int) -> None:
-        scanner = self.context.scanner
-        assert isinstance(scanner, StreamingScanner)
+        scanner = self.context.streaming_scanner
+        assert scanner is not None  # the layer streams only then
         stream = scanner.stream()
         if stream is not None:  # else the Scan at the message's end scans it whole
             self._streams[token] = stream

@@ -130,10 +130,11 @@ class ClamdClient:
 
     async def _session(self) -> Connection:
         """A pooled IDSESSION, or a new one."""
-        session = self._pool.take()
-        if session is None:
-            session = await connect(self.config.address)
-            session.writer.write(b"zIDSESSION\0")
+        return self._pool.take() or await self._new_session()
+
+    async def _new_session(self) -> Connection:
+        session = await connect(self.config.address)
+        session.writer.write(b"zIDSESSION\0")
         return session
 
     async def _reply(self, session: Connection, last: bytes = b"") -> ClamdReply:
@@ -163,9 +164,7 @@ class ClamdClient:
                 # A pooled session clamd closed meanwhile (ReadTimeout, restart): a fresh one.
                 if not _closed_early(exc):
                     raise
-        session = await connect(self.config.address)
-        session.writer.write(b"zIDSESSION\0")
-        return await self._command(session, content)
+        return await self._command(await self._new_session(), content)
 
     async def _command(self, session: Connection, content: bytes) -> ClamdReply:
         session.requests += 1

@@ -48,6 +48,9 @@ class MultiScanner:
     def __init__(self, clients: Sequence[ScannerClient], rules: ContentRules,
                  max_size: int) -> None:
         self.clients = tuple(clients)
+        # Decided once: a runtime protocol check costs more than the rest of `stream`.
+        self._streaming = tuple((number, client) for number, client in enumerate(self.clients)
+                                if isinstance(client, StreamingClient))
         self.rules = rules
         self.max_size = max_size
 
@@ -60,29 +63,20 @@ class MultiScanner:
 
     @property
     def can_stream(self) -> bool:
-        return any(isinstance(client, StreamingClient) for client in self.clients)
+        return bool(self._streaming)
 
     def stream(self) -> MultiStream | None:
         """A scan fed as the message arrives (the POP3 proxy's), or None when no scanner
         could start one now."""
         streams: dict[int, ScanStream] = {}
-        for number, client in enumerate(self.clients):
-            if isinstance(client, StreamingClient):
-                stream = client.stream()
-                if stream is not None:
-                    streams[number] = stream
+        for number, client in self._streaming:
+            stream = client.stream()
+            if stream is not None:
+                streams[number] = stream
         return MultiStream(self, streams) if streams else None
 
     async def _scan(self, content: bytes, envelope: ScanEnvelope | None,
                     streams: Mapping[int, ScanStream]) -> ScanResult:
-        try:
-            return await self._verdict(content, envelope, streams)
-        finally:
-            for stream in streams.values():  # those the rules or the size cap left unfinished
-                stream.cancel()
-
-    async def _verdict(self, content: bytes, envelope: ScanEnvelope | None,
-                       streams: Mapping[int, ScanStream]) -> ScanResult:
         early: dict[int, asyncio.Task[ScanResult]] = {}
         if streams and self.rules.active and len(content) <= self.max_size:
             # A stream's end starts clamd's scan: now, while the rules parse the message.
@@ -91,8 +85,11 @@ class MultiScanner:
         try:
             return await self._answers(content, envelope, streams, early)
         finally:
-            for task in early.values():  # a banned message's: not needed
+            # What the rules or the size cap left unfinished (no-ops for what has finished).
+            for task in early.values():
                 task.cancel()
+            for stream in streams.values():
+                stream.cancel()
 
     async def _answers(self, content: bytes, envelope: ScanEnvelope | None,
                        streams: Mapping[int, ScanStream],
