@@ -65,8 +65,9 @@ class Recorder:
         """One RETR/TOP through the POP3 proxy: what the client got, and the scan verdict."""
 
     def pop3_scan_ahead(self, result: str) -> None:
-        """A message retrieved ahead ([pop3] scan_ahead): "used" (the client asked for it)
-        or "dropped" (it asked for something else)."""
+        """A message fetched ahead ([pop3] scan_ahead): "used" (the client asked for it),
+        "dropped" (it asked for something else), or, after "used", "differed" (the server's
+        RETR of it was not what its TOP gave)."""
 
     def worker_restart(self, worker: str) -> None:
         """The master started a worker in place of one that died."""
@@ -120,8 +121,9 @@ class PrometheusRecorder(Recorder):
             "the client got (deliver, tag, unscanned, replace, tempfail) and scan verdict",
             ["outcome", "verdict"], registry=r)
         self._pop3_ahead = Counter(
-            "mailgate_pop3_scan_ahead", "Messages retrieved ahead ([pop3] scan_ahead), by "
-            "whether the client then asked for them (used) or not (dropped)", ["result"],
+            "mailgate_pop3_scan_ahead", "Messages fetched ahead ([pop3] scan_ahead), by "
+            "whether the client then asked for them (used) or not (dropped), and whether the "
+            "server's RETR then differed from its TOP (differed)", ["result"],
             registry=r)
         self._restarts = Counter(
             "mailgate_worker_restarts", "Workers started by the master in place of one that "

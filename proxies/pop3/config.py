@@ -21,7 +21,8 @@
     oversize_action = "pass"      # "pass" or "tempfail"
     subject_prefix = "[SPAM] "    # only to differ from [policy] subject_prefix (the default)
     scan_top = true               # scan TOP responses too (fetchmail keep mode uses TOP)
-    scan_ahead = false            # after a scanned RETR n, retrieve and scan n+1 early
+    scan_ahead = "off"            # after a scanned RETR n, fetch and scan n+1 early: "top"
+                                  # (server unchanged) or "retr" (marks n+1 retrieved)
     tls = "terminate"             # "terminate", "passthrough" or "strip"
     tls_cert = ""                 # with tls_key; "" = a self-signed one made at first start
     tls_key = ""
@@ -41,6 +42,7 @@ from proxies.scan.config import PolicyConfig, subject_prefix
 __all__ = ["Pop3Config", "pop3_from_section"]
 
 TLS_MODES = ("terminate", "passthrough", "strip")
+AHEAD_MODES = ("off", "top", "retr")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Pop3Config:
     oversize_action: str = "pass"
     subject_prefix: str = PolicyConfig.subject_prefix
     scan_top: bool = True
-    scan_ahead: bool = False
+    scan_ahead: str = "off"
     tls: str = "terminate"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -77,6 +79,15 @@ def _path_or_none(value: object) -> Path | None:
     if not isinstance(value, str):
         raise ValueError(f"expected a path string, got {value!r}")
     return Path(value) if value else None
+
+
+def _ahead_mode(value: object) -> str:
+    # true and false are what scan_ahead took before it had modes; true meant "retr".
+    if isinstance(value, bool):
+        return "retr" if value else "off"
+    if value not in AHEAD_MODES:
+        raise ValueError(f"must be one of {', '.join(map(repr, AHEAD_MODES))}, got {value!r}")
+    return str(value)
 
 
 def pop3_from_section(section: Section, policy_prefix: str | None = None) -> Pop3Config:
@@ -107,7 +118,7 @@ def pop3_from_section(section: Section, policy_prefix: str | None = None) -> Pop
                                        d.oversize_action),
         subject_prefix=subject_prefix(section, policy_prefix),
         scan_top=section.boolean("scan_top", d.scan_top),
-        scan_ahead=section.boolean("scan_ahead", d.scan_ahead),
+        scan_ahead=section.converted("scan_ahead", _ahead_mode, d.scan_ahead),
         tls=section.choice("tls", TLS_MODES, d.tls),
         tls_cert=section.converted("tls_cert", _path_or_none, None),
         tls_key=section.converted("tls_key", _path_or_none, None),

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxies import logs, metrics
 from proxies.mail.headers import Header, parse_header
 from proxies.pop3 import rewrite, states
-from proxies.pop3.cache import CacheKey, ScanCache
+from proxies.pop3.cache import CachedScan, CacheKey, ScanCache
 from proxies.pop3.codec import (
     BodyData,
     BodyEnd,
@@ -173,6 +173,8 @@ class _Held:
     stuffer: DotStuffer
     # The token of the scan fed as the message arrives (StreamScan), until its verdict is in.
     stream: int | None = None
+    # Octets of a peeked message the client has (sent as the RETR matched the TOP copy).
+    forwarded: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,9 @@ class LayerSetup:
     quarantining: bool  # replaced originals are kept
     our_certificate: bool  # terminate mode has a certificate to offer STLS with
     streaming: bool = False  # the scanner can take a message while it arrives (StreamScan)
+    # Servers not scanned ahead with TOP (shared by the proxy's sessions): their TOP failed,
+    # or gave other bytes than their RETR of the same message.
+    no_peek: set[Address] = field(default_factory=set)
 
 
 class Pop3Layer:
@@ -210,6 +215,7 @@ class Pop3Layer:
                                  if setup.scanning else ())
         self.finished = False
         self._ahead: _Ahead | None = None
+        self._serving: _Ahead | None = None  # the one taken for the RETR being answered
         self._tokens = itertools.count(1)
         self._out: list[Command_] = []
         self._wait: _Wait | None = None
@@ -230,9 +236,9 @@ class Pop3Layer:
         if wait is None:
             return out
         if isinstance(event, ScanDone):
-            ahead = self._ahead
-            if ahead is not None and event.token == ahead.token:
-                ahead.result = event.result
+            for ahead in (self._ahead, self._serving):
+                if ahead is not None and event.token == ahead.token:
+                    ahead.result = event.result
             if wait.kind == "scan" and wait.token == event.token:
                 self._resume(event)
             return out
@@ -597,11 +603,15 @@ class Pop3Layer:
     def _fetch(self, command: Command) -> Conversation:
         key = yield from self._cache_key(command)
         ahead = self._take_ahead(command)
-        if ahead is not None:
+        if ahead is not None and not ahead.peeked:
             status_raw = ahead.status
         else:
+            # A message peeked at with TOP is still asked for: the server sees the client's
+            # RETR as the client sent it, and its answer is checked against what was scanned.
             status = yield from self._ask_server(command, unstuff=True)
             if not (status.ok and self.server.state == "body"):
+                if ahead is not None:
+                    self._cancel(ahead)
                 self._to_client(status.raw)
                 return
             status_raw = status.raw
@@ -618,6 +628,7 @@ class Pop3Layer:
             raise
         finally:
             self._end_stream(held)  # the message was not finished, or its verdict was known
+            self._serving = None
             spool.close()
 
     def _end_stream(self, held: _Held) -> None:
@@ -632,34 +643,46 @@ class Pop3Layer:
         # from it, and would pay for a second scan task.
         may_stream = (ahead is None and self.setup.streaming
                       and not (key is not None and self.setup.cache.get(key)))
-        if ahead is not None:
+        if ahead is not None and ahead.peeked:
+            peeked = yield from self._read_peeked(held, spool, ahead)
+            if peeked.delivered:
+                assert ahead.result is not None
+                self._record(command, key, None, ahead.result, "deliver", ahead=True,
+                             size=len(ahead.content), spooled=False, started=started)
+                return
+            if not peeked.same:
+                self._peek_differs(ahead)
+                ahead = None
+        elif ahead is not None:
             spool.write(ahead.content)
-        while ahead is None:
-            event = yield from self._server_event(held)
-            if isinstance(event, BodyData):
-                if spool.size + len(event.data) > self.config.max_scan_size:
-                    # It will not be scanned whatever comes, so nothing more need wait, and
-                    # the spool (and the disk under it) never holds more than max_scan_size,
-                    # even if the response never ends, as a hostile server's may not.
-                    self._end_stream(held)
-                    yield from self._oversize(command, held, spool, event.data, started)
-                    return
-                if may_stream and spool.size:
-                    may_stream = False
-                    held.stream = next(self._tokens)
-                    self._emit(StreamScan(held.stream))
-                    self._emit(ScanData(held.stream, spool.head(spool.size)))
-                spool.write(event.data)
-                if held.stream is not None:
-                    self._emit(ScanData(held.stream, event.data))
-                if header is None and spool.size - len(event.data) < rewrite.HEADER_LIMIT:
-                    header = parse_header(spool.head(rewrite.HEADER_LIMIT), False)
-                    if header is not None:
-                        held.keepalive.offer(header.data[:rewrite.trace_length(header)])
-            elif isinstance(event, BodyEnd):
-                break
-            else:
-                raise _Abort("the server closed the connection mid-message", SERVER_GONE)
+        else:
+            while True:
+                event = yield from self._server_event(held)
+                if isinstance(event, BodyData):
+                    if spool.size + len(event.data) > self.config.max_scan_size:
+                        # It will not be scanned whatever comes, so nothing more need wait,
+                        # and the spool (and the disk under it) never holds more than
+                        # max_scan_size, even if the response never ends, as a hostile
+                        # server's may not.
+                        self._end_stream(held)
+                        yield from self._oversize(command, held, spool, event.data, started)
+                        return
+                    if may_stream and spool.size:
+                        may_stream = False
+                        held.stream = next(self._tokens)
+                        self._emit(StreamScan(held.stream))
+                        self._emit(ScanData(held.stream, spool.head(spool.size)))
+                    spool.write(event.data)
+                    if held.stream is not None:
+                        self._emit(ScanData(held.stream, event.data))
+                    if header is None and spool.size - len(event.data) < rewrite.HEADER_LIMIT:
+                        header = parse_header(spool.head(rewrite.HEADER_LIMIT), False)
+                        if header is not None:
+                            held.keepalive.offer(header.data[:rewrite.trace_length(header)])
+                elif isinstance(event, BodyEnd):
+                    break
+                else:
+                    raise _Abort("the server closed the connection mid-message", SERVER_GONE)
         if header is None:
             header = parse_header(spool.head(rewrite.HEADER_LIMIT),
                                   spool.size <= rewrite.HEADER_LIMIT)
@@ -682,6 +705,10 @@ class Pop3Layer:
         outcome = decide(result, self.config)
         tempfail_reason = ("message too large to scan" if result is None or result.oversize
                            else "content scanner failed")
+        if outcome != "deliver" and held.forwarded:
+            # What went out was the start of a peeked copy whose RETR then differed: only the
+            # original can follow it.
+            outcome, tempfail_reason = "tempfail", "the server's RETR differed from its TOP"
         if outcome == "replace" and quarantine_id is None and self.setup.quarantining:
             assert result is not None
             self._emit(Quarantine(spool.getvalue(), result, self._origin(command)))
@@ -691,22 +718,9 @@ class Pop3Layer:
                 # while its original is nowhere, so the message stays on the server instead.
                 outcome, tempfail_reason = "tempfail", "quarantine write failed"
             quarantine_id = stored.quarantine_id
-        if key is not None and result is not None and cached is None:
-            cache.put(key, result, quarantine_id)
-        self.messages += 1
-        fields: dict[str, Any] = {
-            "id": self.setup.ident, "command": command.loggable(), "size": spool.size,
-            "verdict": "oversize" if result is None else result.verdict, "action": outcome,
-            "cached": cached is not None, "ahead": ahead is not None, "spooled": spool.on_disk,
-            "seconds": round(self.now - started, 3)}
-        if result is not None and result.virus:
-            fields["virus"] = result.virus
-        if result is not None and result.reason:
-            fields["reason"] = result.reason
-        if quarantine_id:
-            fields["quarantine"] = quarantine_id
-        logs.event("pop3_message", **fields)
-        metrics.current.pop3_retrieval(outcome, fields["verdict"])
+        self._record(command, key, cached, result, outcome, ahead=ahead is not None,
+                     size=spool.size, spooled=spool.on_disk, started=started,
+                     quarantine_id=quarantine_id)
         if outcome == "tempfail":
             if held.keepalive.status_sent:
                 # Too late for -ERR: an incomplete download instead.
@@ -720,6 +734,27 @@ class Pop3Layer:
                                    sent_early=held.keepalive.sent,
                                    quarantine_id=quarantine_id, hostname=self.setup.hostname)
         yield from self._deliver(held, pieces)
+
+    def _record(self, command: Command, key: CacheKey | None, cached: CachedScan | None,
+                result: ScanResult | None, outcome: str, *, ahead: bool, size: int,
+                spooled: bool, started: float, quarantine_id: str | None = None) -> None:
+        """A retrieval decided: its verdict cached, logged and counted."""
+        if key is not None and result is not None and cached is None:
+            self.setup.cache.put(key, result, quarantine_id)
+        self.messages += 1
+        fields: dict[str, Any] = {
+            "id": self.setup.ident, "command": command.loggable(), "size": size,
+            "verdict": "oversize" if result is None else result.verdict, "action": outcome,
+            "cached": cached is not None, "ahead": ahead, "spooled": spooled,
+            "seconds": round(self.now - started, 3)}
+        if result is not None and result.virus:
+            fields["virus"] = result.virus
+        if result is not None and result.reason:
+            fields["reason"] = result.reason
+        if quarantine_id:
+            fields["quarantine"] = quarantine_id
+        logs.event("pop3_message", **fields)
+        metrics.current.pop3_retrieval(outcome, fields["verdict"])
 
     def _origin(self, command: Command) -> dict[str, str]:
         client, server = self.setup.client, self.setup.destination
@@ -791,7 +826,9 @@ class Pop3Layer:
     def _deliver(self, held: _Held, pieces: Iterable[bytes], *, end: bool = True) -> Conversation:
         out = [] if held.keepalive.status_sent else [held.status]
         size = 0
-        skip = held.keepalive.sent  # sent early; every outcome starts with these bytes
+        # Sent early: by the keep-alive (every outcome starts with them), or forwarded from a
+        # peeked copy (only the original follows those).
+        skip = held.keepalive.sent + held.forwarded
         for piece in pieces:
             if skip:
                 cut = min(skip, len(piece))
@@ -843,22 +880,27 @@ class Pop3Layer:
     # --- scanning ahead ---------------------------------------------------------------------------
 
     def _scan_ahead(self, command: Command) -> Conversation:
-        """[pop3] scan_ahead: after a scanned RETR n, while the client reads it, retrieve
-        message n+1 and start its scan. A client that then asks for n+1, as one that downloads
-        its mailbox does, gets it as soon as its verdict is in, with no wait for the server;
-        any other command takes its turn after that response, and the next fetch of anything
-        else drops it. The cost: the server sees RETR n+1 before the client asks, so a client
-        that stops before n+1 leaves it marked as retrieved where the server keeps such a mark
-        (Dovecot's \\Seen, at QUIT). A TOP n+1 instead would change nothing on the server,
-        but measured no gain: the client's RETR still waits for the whole transfer.
+        """[pop3] scan_ahead: after a scanned RETR n, while the client reads it, fetch message
+        n+1 and start its scan, so that a client downloading its mailbox, which asks for n+1
+        next, need not wait for the scan.
+
+        "top" fetches it with TOP n+1 (as many lines as it has octets: all of it), which
+        changes nothing on the server; the client's RETR n+1 then still goes to the server,
+        and its response goes on to the client as it arrives, checked against the scanned
+        copy (`_read_peeked`). "retr" fetches it with RETR n+1 and answers the client's RETR
+        from that with no second transfer, but the server sees RETR n+1 before the client
+        asks: a client that stops before n+1 leaves it marked as retrieved where the server
+        keeps such a mark (Dovecot's \\Seen, at QUIT). Any other command waits for that
+        response, then takes its turn; another fetch drops what was fetched ahead.
 
         Only for messages up to SCAN_AHEAD_MAX (kept in memory until asked for), and only when
         the client's next command is not already here.
         """
-        arguments = command.arguments
-        if (not self.config.scan_ahead or command.verb != "RETR"
+        mode, arguments = self.config.scan_ahead, command.arguments
+        if (mode == "off" or command.verb != "RETR"
                 or len(arguments) != 1 or not arguments[0].isdigit() or self.client.has_line
-                or self.state is not states.SessionState.TRANSACTION):
+                or self.state is not states.SessionState.TRANSACTION
+                or (mode == "top" and self.setup.destination in self.setup.no_peek)):
             return
         number = str(int(arguments[0]) + 1)
         cache, uid = self.setup.cache, self.facts.uidls.get(number.encode())
@@ -871,15 +913,91 @@ class Pop3Layer:
         if not (status.ok and len(parts) >= 2 and parts[1].isdigit()
                 and int(parts[1]) <= limit):
             return
-        status = yield from self._ask_server(_command(f"RETR {number}"), unstuff=True)
+        # A body has fewer lines than the message has octets.
+        fetch = f"TOP {number} {parts[1].decode()}" if mode == "top" else f"RETR {number}"
+        status = yield from self._ask_server(_command(fetch), unstuff=True)
         if not (status.ok and self.server.state == "body"):
+            if mode == "top" and not status.text.startswith(b"[SYS/TEMP]"):
+                # LIST has just found the message: it is TOP the server cannot do.
+                self._no_peek(f"TOP failed: {status.text[:80].decode(errors='replace')}")
             return
         content = yield from self._body_within(limit, read_on=True)
         if content is None:  # longer than its LIST size said: nothing kept
             return
         token = next(self._tokens)
         self._emit(Scan(content, token))
-        self._ahead = _Ahead(number.encode(), content, token, self.now, status.raw)
+        self._ahead = _Ahead(number.encode(), content, token, self.now, status.raw,
+                             peeked=mode == "top")
+
+    def _read_peeked(self, held: _Held, spool: Spool,
+                     ahead: _Ahead) -> Generator[_Wait, Any, _Peeked]:
+        """The server's response to the client's RETR of a message peeked at with TOP, read
+        and compared with the copy that was scanned.
+
+        While the two agree and that copy's verdict passes the original, the response goes
+        on to the client as it comes, so the client's read overlaps the server's transfer;
+        otherwise it waits for the end. A response that differs is kept in `spool` (what
+        the client already has of it included), to be scanned itself.
+        """
+        content = ahead.content
+        view = memoryview(content)
+        matched = 0  # octets of the response equal to the copy's
+        same = True
+        forwarding = False  # the copy's verdict is "deliver": matched octets go on at once
+        unflushed = 0
+        while True:
+            if same and not forwarding and ahead.result is not None:
+                forwarding = decide(ahead.result, self.config) == "deliver"
+            if forwarding and held.forwarded < matched:
+                piece = content[held.forwarded:matched]
+                self._to_client(held.stuffer.send(piece) if held.keepalive.status_sent
+                                else held.status + held.stuffer.send(piece))
+                held.keepalive.status_sent = True
+                held.forwarded = matched
+                unflushed += len(piece)
+                if unflushed >= CHUNK:
+                    unflushed = 0
+                    yield from self._flush()
+            # Once content has gone out, the keep-alive must send nothing more.
+            event = yield from self._server_event(None if held.forwarded else held)
+            if isinstance(event, BodyData):
+                data = event.data
+                if same:
+                    if view[matched:matched + len(data)] == data:
+                        matched += len(data)
+                        continue
+                    same = False
+                    spool.write(content[:matched])
+                if spool.size + len(data) > self.config.max_scan_size:
+                    raise _Abort("the server's RETR differed from its TOP and is too large",
+                                 SERVER_INVALID)
+                spool.write(data)
+            elif isinstance(event, BodyEnd):
+                break
+            else:
+                raise _Abort("the server closed the connection mid-message", SERVER_GONE)
+        same = same and matched == len(content)
+        if same and forwarding:
+            self._to_client((b"" if held.keepalive.status_sent else held.status)
+                            + held.stuffer.send(content[held.forwarded:]) + held.stuffer.end())
+            held.keepalive.status_sent = True
+            return _Peeked(same=True, delivered=True)
+        if same:
+            spool.write(content)
+        elif not spool.size:
+            spool.write(content[:matched])  # a response shorter than the copy
+        return _Peeked(same=same, delivered=False)
+
+    def _peek_differs(self, ahead: _Ahead) -> None:
+        self._cancel(ahead)
+        metrics.current.pop3_scan_ahead("differed")
+        self._no_peek("its RETR of a message differed from its TOP")
+
+    def _no_peek(self, why: str) -> None:
+        """This server is not scanned ahead with TOP again (by any session of this proxy)."""
+        self.setup.no_peek.add(self.setup.destination)
+        logs.warning("pop3_scan_ahead_off", id=self.setup.ident,
+                     server=_where(self.setup.destination), detail=why)
 
     def _take_ahead(self, command: Command) -> _Ahead | None:
         """The message retrieved ahead if `command` is its RETR (else it is dropped)."""
@@ -888,6 +1006,7 @@ class Pop3Layer:
             return None
         if command.verb == "RETR" and command.arguments == [ahead.number]:
             metrics.current.pop3_scan_ahead("used")
+            self._serving = ahead
             return ahead
         metrics.current.pop3_scan_ahead("dropped")
         self._cancel(ahead)
@@ -908,7 +1027,17 @@ class _Ahead:
     token: int
     started: float
     status: bytes
+    peeked: bool = False  # fetched with TOP: the server has not seen a RETR of it
     result: ScanResult | None = None
+
+
+@dataclass(frozen=True)
+class _Peeked:
+    """How the server's RETR of a peeked message compared with the copy: the same bytes
+    (and then whether it has gone to the client already)."""
+
+    same: bool
+    delivered: bool
 
 
 def _where(address: Address) -> str:

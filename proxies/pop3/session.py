@@ -100,6 +100,7 @@ class SessionContext:
     tls_server: ssl.SSLContext | None  # our certificate, for terminate mode
     tls_client: ssl.SSLContext | None  # towards servers
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    no_peek: set[Address] = field(default_factory=set)  # LayerSetup.no_peek, for all sessions
 
     @functools.cached_property
     def streaming_scanner(self) -> StreamingScanner | None:
@@ -135,7 +136,8 @@ class Pop3Session:
             cache=context.cache, hostname=context.hostname,
             scanning=context.scanner is not None, quarantining=context.quarantine is not None,
             our_certificate=context.tls_server is not None,
-            streaming=context.streaming_scanner is not None), client.reader)
+            streaming=context.streaming_scanner is not None, no_peek=context.no_peek),
+            client.reader)
         self.server_link = Link(self.layer.server, SERVER_BUFFER)
         self._loop = asyncio.get_running_loop()
         self._events: deque[Event] = deque()

@@ -63,7 +63,8 @@ TLS_MODES = ("terminate", "passthrough", "strip")
 
 
 def layer_for(choice: int) -> Pop3Layer:
-    config = replace(Pop3Config(), tls=TLS_MODES[choice % 3], scan_ahead=bool(choice & 4),
+    config = replace(Pop3Config(), tls=TLS_MODES[choice % 3],
+                     scan_ahead=("off", "top", "retr")[(choice >> 2) % 3],
                      max_scan_size=4096, keepalive_after=5.0, keepalive_interval=5.0)
     return Pop3Layer(LayerSetup(
         config=config, ident=1, client=("192.0.2.1", 1), destination=("198.51.100.1", 110),

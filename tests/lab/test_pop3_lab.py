@@ -297,13 +297,15 @@ def test_large_messages_scanned_as_they_arrive(lab_factory: LabFactory, tmp_path
         ("clean", True), ("virus", True)], events
 
 
-def test_scan_ahead_with_dovecot_and_clamd(lab_factory: LabFactory, tmp_path: Path) -> None:
-    """[pop3] scan_ahead = true: while poplib reads message n the proxy has n+1 fetched and
+@pytest.mark.parametrize("mode", ["top", "retr"])
+def test_scan_ahead_with_dovecot_and_clamd(lab_factory: LabFactory, tmp_path: Path,
+                                           mode: str) -> None:
+    """[pop3] scan_ahead: while poplib reads message n the proxy has n+1 fetched and
     scanned, and each outcome is what it is without scanning ahead."""
     gateway = _gateway(lab_factory("router", make_bridge=False), tmp_path)
     files = deliver(gateway, clean_message(1), spam_message(), virus_message(),
                     zipped_eicar_message(), clean_message(2))
-    gateway.start_proxy(scan_ahead=True)
+    gateway.start_proxy(scan_ahead=mode)
 
     def fetch(pop: poplib.POP3) -> list[bytes]:
         got = [retr(pop, n) for n in range(1, 6)]
@@ -318,6 +320,30 @@ def test_scan_ahead_with_dovecot_and_clamd(lab_factory: LabFactory, tmp_path: Pa
     events = gateway.events("pop3_message")
     assert [e["ahead"] for e in events] == [False, True, True, True, True], events
     assert gateway.pop(4, lambda pop: pop.stat()[0]) == 4  # DELE 1 and QUIT went through
+    assert not gateway.events("pop3_scan_ahead_off")  # Dovecot's TOP is its RETR
+
+
+@pytest.mark.parametrize(("mode", "second_seen"), [("top", False), ("retr", True)])
+def test_scan_ahead_top_leaves_the_next_message_unread_on_the_server(
+        lab_factory: LabFactory, tmp_path: Path, mode: str, second_seen: bool) -> None:
+    """A client that reads message 1 and quits: with scan_ahead = "top" Dovecot marks only
+    message 1 \\Seen; "retr" asked for message 2 too, and Dovecot marks it as well."""
+    gateway = _gateway(lab_factory("router", make_bridge=False), tmp_path)
+    files = deliver(gateway, clean_message(1), clean_message(2))
+    gateway.start_proxy(scan_ahead=mode)
+    assert gateway.pop(4, lambda pop: retr(pop, 1)) == files[0]
+    # Dovecot's logout line counts what it was asked for: message 2 was fetched ahead.
+    logout = "top=1/" if mode == "top" else "retr=2/"
+    deadline = time.monotonic() + 10
+    while logout not in gateway.dovecot.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logout in gateway.dovecot.log_path.read_text()
+    cur = gateway.dovecot.mail_dir / USER / "Maildir" / "cur"
+    flags = {path.name.split(":2,")[0]: path.name.partition(":2,")[2]
+             for path in cur.iterdir()}
+    assert len(flags) == 2, flags
+    seen = sorted("S" in value for value in flags.values())
+    assert seen == sorted([True, second_seen]), flags
 
 
 # --- fetchmail and getmail ---------------------------------------------------------------------

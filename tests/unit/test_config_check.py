@@ -170,3 +170,14 @@ def test_min_data_rate_is_read_and_a_negative_one_is_refused_by_key(tmp_path: Pa
         load_config(write(tmp_path, "[smtp]\nmin_data_rate = -1\n"))
     (problem,) = caught.value.problems
     assert problem.key == "smtp.min_data_rate"
+
+
+def test_scan_ahead_takes_a_mode_and_the_old_booleans(tmp_path: Path) -> None:
+    for written, mode in (('"top"', "top"), ('"retr"', "retr"), ("true", "retr"),
+                          ("false", "off")):
+        config = load_config(write(tmp_path, f"[pop3]\nscan_ahead = {written}\n"))
+        assert config.pop3.scan_ahead == mode
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[pop3]\nscan_ahead = "always"\n'))
+    assert [str(p).split(": ", 1)[1] for p in caught.value.problems] == [
+        "pop3.scan_ahead: must be one of 'off', 'top', 'retr', got 'always'"]

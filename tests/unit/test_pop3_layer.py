@@ -60,7 +60,7 @@ class Script:
     def __init__(self, *, scanning: bool = False, quarantining: bool = True,
                  certificate: bool = False, cache_ttl: float = 0.0, streaming: bool = False,
                  **config: Any) -> None:
-        config.setdefault("scan_ahead", False)  # its own tests say when
+        config.setdefault("scan_ahead", "off")  # its own tests say when
         settings = replace(Pop3Config(), tls=config.pop("tls", "passthrough"), **config)
         self.layer = Pop3Layer(LayerSetup(
             config=settings, ident=1, client=("192.0.2.10", 40000),
@@ -771,10 +771,10 @@ def after_first_retr(script: Script) -> None:
     assert script.took_server() == b"LIST 2\r\n"
 
 
-def scanned_ahead(script: Script) -> Scan:
+def scanned_ahead(script: Script, fetch: bytes = b"RETR 2\r\n") -> Scan:
     after_first_retr(script)
     script.server(b"+OK 2 %d\r\n" % len(SECOND))
-    assert script.took_server() == b"RETR 2\r\n"
+    assert script.took_server() == fetch
     script.server(retr_response(SECOND), piece=9)
     (scan,) = script.took()
     assert isinstance(scan, Scan) and scan.content == SECOND
@@ -782,8 +782,18 @@ def scanned_ahead(script: Script) -> Scan:
     return scan
 
 
+def retrieved_unscanned_ahead(script: Script) -> None:
+    """RETR 2 goes to the server and is scanned then, as without scanning ahead."""
+    script.client(b"RETR 2\r\n")
+    assert script.took_server() == b"RETR 2\r\n"
+    script.server(retr_response(SECOND))
+    (scan,) = script.took()
+    script.event(ScanDone(CLEAN, scan.token))
+    assert script.took_client() == retr_response(SECOND)
+
+
 def test_the_next_message_is_fetched_and_scanned_while_the_client_reads() -> None:
-    script = Script(scanning=True, scan_ahead=True)
+    script = Script(scanning=True, scan_ahead="retr")
     scan = scanned_ahead(script)
     script.event(ScanDone(CLEAN, scan.token))
     script.client(b"RETR 2\r\n")
@@ -793,7 +803,7 @@ def test_the_next_message_is_fetched_and_scanned_while_the_client_reads() -> Non
 
 
 def test_a_retrieval_before_the_scan_ahead_is_done_waits_for_its_verdict() -> None:
-    script = Script(scanning=True, scan_ahead=True)
+    script = Script(scanning=True, scan_ahead="retr")
     scan = scanned_ahead(script)
     script.client(b"RETR 2\r\n")
     assert script.took_server() == b""
@@ -805,7 +815,7 @@ def test_a_retrieval_before_the_scan_ahead_is_done_waits_for_its_verdict() -> No
 
 
 def test_a_verdict_scanned_ahead_serves_no_other_command() -> None:
-    script = Script(scanning=True, scan_ahead=True)
+    script = Script(scanning=True, scan_ahead="retr")
     ahead = scanned_ahead(script)
     script.client(b"TOP 2 10\r\n")
     assert script.took_server() == b"TOP 2 10\r\n"
@@ -820,7 +830,7 @@ def test_a_verdict_scanned_ahead_serves_no_other_command() -> None:
 
 
 def test_a_command_sent_during_the_scan_ahead_waits_for_its_response() -> None:
-    script = Script(scanning=True, scan_ahead=True)
+    script = Script(scanning=True, scan_ahead="retr")
     after_first_retr(script)
     script.client(b"DELE 1\r\n")
     assert script.took_server() == b""  # the server is answering LIST 2
@@ -833,7 +843,7 @@ def test_a_command_sent_during_the_scan_ahead_waits_for_its_response() -> None:
 
 
 def test_no_scan_ahead_when_the_client_has_sent_its_next_command() -> None:
-    script = Script(scanning=True, scan_ahead=True)
+    script = Script(scanning=True, scan_ahead="retr")
     script.logged_in()
     script.client(b"RETR 1\r\nQUIT\r\n")
     script.took_server()
@@ -846,16 +856,11 @@ def test_no_scan_ahead_when_the_client_has_sent_its_next_command() -> None:
 
 
 def test_no_scan_ahead_for_a_big_message_or_one_that_is_not_there() -> None:
-    script = Script(scanning=True, scan_ahead=True)
+    script = Script(scanning=True, scan_ahead="retr")
     after_first_retr(script)
     script.server(b"+OK 2 99000000\r\n")  # too big to keep until it is asked for
     assert script.took_server() == b""
-    script.client(b"RETR 2\r\n")
-    assert script.took_server() == b"RETR 2\r\n"
-    script.server(retr_response(SECOND))
-    (scan,) = script.took()
-    script.event(ScanDone(CLEAN, scan.token))
-    assert script.took_client() == retr_response(SECOND)
+    retrieved_unscanned_ahead(script)
     assert script.took_server() == b"LIST 3\r\n"
     script.server(b"-ERR no such message\r\n")
     assert script.took_server() == b""
@@ -863,14 +868,130 @@ def test_no_scan_ahead_for_a_big_message_or_one_that_is_not_there() -> None:
 
 
 def test_scanning_ahead_is_off_unless_configured() -> None:
-    script = Script(scanning=True, scan_ahead=False)
+    script = Script(scanning=True, scan_ahead="off")
     after_first = scanned_retr(script, FIRST, CLEAN)
     assert after_first == retr_response(FIRST)
     assert script.took_server() == b""
 
 
+# scan_ahead = "top": the next message is peeked at, and the client's RETR still goes out
+
+def peeked_ahead(script: Script) -> Scan:
+    return scanned_ahead(script, b"TOP 2 %d\r\n" % len(SECOND))
+
+
+def peeked_then_asked(script: Script, verdict: ScanResult | None) -> Scan:
+    """Message 2 peeked at (with `verdict`, if any, in) and then asked for by the client."""
+    scan = peeked_ahead(script)
+    if verdict is not None:
+        script.event(ScanDone(verdict, scan.token))
+    script.client(b"RETR 2\r\n")
+    assert script.took_server() == b"RETR 2\r\n"  # the server sees the client's own RETR
+    return scan
+
+
+def test_a_peeked_message_goes_on_as_the_server_sends_it_once_its_verdict_is_in() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    peeked_then_asked(script, CLEAN)
+    response = retr_response(SECOND)
+    script.server(response[:40])
+    early = script.took_client()
+    assert early and response.startswith(early)  # as it comes, before the end
+    script.server(response[40:])
+    assert early + script.took_client() == response
+    assert not any(isinstance(c, Scan) for c in script.took())  # no second scan
+    assert script.took_server() == b"LIST 3\r\n"
+
+
+def test_a_peeked_message_arrives_whole_and_byte_for_byte() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    peeked_then_asked(script, CLEAN)
+    script.server(retr_response(SECOND), piece=3)
+    assert script.took_client() == retr_response(SECOND)
+
+
+def test_a_peeked_verdict_that_comes_during_the_transfer_starts_the_relay_there() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    scan = peeked_then_asked(script, None)
+    response = retr_response(SECOND)
+    script.server(response[:30])
+    assert script.took_client() == b""  # no verdict yet: nothing
+    script.event(ScanDone(CLEAN, scan.token))
+    script.server(response[30:], piece=5)
+    assert script.took_client() == response
+    assert script.took() == []
+
+
+def test_a_peeked_virus_is_replaced_once_the_servers_copy_matched() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    peeked_then_asked(script, VIRUS)
+    script.server(retr_response(SECOND))
+    assert script.took_client() == b""
+    (stored,) = script.took()
+    assert isinstance(stored, Quarantine) and stored.content == SECOND
+    script.event(QuarantineDone("q-9"))
+    got = script.took_client()
+    assert got.startswith(b"+OK") and b"q-9" in got and b".dotted" not in got
+
+
+def test_a_retr_that_differs_from_the_peeked_copy_is_scanned_itself() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    peeked = peeked_then_asked(script, None)
+    other = message("second", b"two\r\nsomething else\r\n")
+    script.server(retr_response(other))
+    cancel, scan = script.took()
+    assert cancel == CancelScan(peeked.token)
+    assert isinstance(scan, Scan) and scan.content == other
+    script.event(ScanDone(CLEAN, scan.token))
+    assert script.took_client() == retr_response(other)
+    assert script.layer.setup.no_peek == {("198.51.100.20", 110)}
+    assert script.took_server() == b""  # not peeked at again
+
+
+def test_a_retr_that_differs_after_a_clean_prefix_went_out_gets_the_rest_if_clean() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    peeked_then_asked(script, CLEAN)
+    other = SECOND[:-5] + b"XXXXX" + b"more\r\n"
+    response = retr_response(other)
+    script.server(response[:25])
+    sent = script.took_client()
+    assert sent and response.startswith(sent)
+    script.server(response[25:])
+    (rescan,) = script.took()  # the copy's scan was done: nothing to cancel
+    assert isinstance(rescan, Scan) and rescan.content == other
+    script.event(ScanDone(CLEAN, rescan.token))
+    assert sent + script.took_client() == response
+
+
+def test_a_retr_that_differs_after_a_prefix_went_out_is_cut_off_if_not_clean() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    peeked_then_asked(script, CLEAN)
+    response = retr_response(SECOND[:-5] + b"EICAR\r\n")
+    script.server(response[:25])
+    assert script.took_client()
+    script.server(response[25:])
+    (rescan,) = script.took()
+    assert isinstance(rescan, Scan)
+    script.event(ScanDone(VIRUS, rescan.token))
+    assert not script.took_client().endswith(b".\r\n")
+    close = script.closed
+    assert close is not None and close.reply is None  # no final ".": a failed download
+    assert "differed" in (close.error or "")
+
+
+def test_a_server_whose_top_fails_is_not_peeked_at_again() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    after_first_retr(script)
+    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    assert script.took_server() == b"TOP 2 %d\r\n" % len(SECOND)
+    script.server(b"-ERR unknown command\r\n")
+    assert script.layer.setup.no_peek == {("198.51.100.20", 110)}
+    retrieved_unscanned_ahead(script)
+    assert script.took_server() == b""
+
+
 def test_a_message_longer_than_its_listed_size_is_not_kept_ahead() -> None:
-    script = Script(scanning=True, scan_ahead=True, max_scan_size=1000)
+    script = Script(scanning=True, scan_ahead="retr", max_scan_size=1000)
     after_first_retr(script)
     script.server(b"+OK 2 500\r\n")
     assert script.took_server() == b"RETR 2\r\n"

@@ -117,6 +117,30 @@ def test_clean_mail_and_listings_are_byte_identical(scanner: PatternScanner | No
     assert out["uidl1"].startswith(b"+OK 1 uid-1-")
 
 
+def test_a_server_whose_top_differs_from_its_retr_is_not_fetched_ahead_again() -> None:
+    """scan_ahead = "top" against a server whose TOP adds a field: the client still gets
+    what RETR gives, and the proxy's later sessions no longer fetch ahead from that server."""
+    messages = [clean(1), clean(2), clean(3)]
+
+    def client(port: int) -> list[bytes]:
+        got = []
+        for numbers in ((1, 2), (1, 2, 3)):
+            pop = login(port)
+            got += [retr(pop, n) for n in numbers]
+            pop.quit()
+        return got
+
+    async def check(server: FakeServer, proxy: Pop3Proxy) -> None:
+        tops = [c for c in server.commands if c.startswith(b"TOP")]
+        assert tops == [b"TOP 2 %d\r\n" % len(messages[1])]  # only in the first session
+        assert proxy.context.no_peek == {("127.0.0.1", server.port)}
+
+    config = dataclasses.replace(CONFIG, scan_ahead="top")
+    got = run(with_proxy(messages, client, config=config, scanner=PatternScanner(),
+                         misbehave="top-differs", check=check))
+    assert got == [messages[0], messages[1], messages[0], messages[1], messages[2]]
+
+
 def test_pipelined_commands_are_answered_in_order() -> None:
     messages = [clean(1), clean(2)]
 

@@ -227,6 +227,8 @@ class FakeServer:
                     lines = body.removesuffix(b"\r\n").split(b"\r\n") if body else []
                     lines = lines[: int(args[1])]
                     content = header + sep + b"".join(line + b"\r\n" for line in lines)
+                    if self.misbehave == "top-differs":
+                        content = b"X-Top: a field only TOP shows\r\n" + content
                 await self._send_message(writer, content)
             else:
                 writer.write(b"-ERR unknown command\r\n")
