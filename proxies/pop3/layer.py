@@ -105,6 +105,9 @@ CHUNK = 1 << 20  # content written to the client between two waits for its trans
 MAX_UNKNOWN_COMMANDS = 20
 MAX_CAPA_SIZE = 64 * 1024
 SCAN_AHEAD_MAX = 2 * 1024 * 1024  # the largest message scanned ahead (kept until it is asked)
+NO_PEEK_MAX = 4096  # servers remembered as not to be scanned ahead with TOP
+# RFC 2449 8 and RFC 3206: response codes of a failure that may not happen again.
+TRANSIENT_CODES = (b"[SYS/TEMP]", b"[IN-USE]", b"[LOGIN-DELAY]")
 
 SERVER_SILENT = err("[SYS/TEMP] the mail server did not answer in time")
 
@@ -612,6 +615,7 @@ class Pop3Layer:
             if not (status.ok and self.server.state == "body"):
                 if ahead is not None:
                     self._cancel(ahead)
+                    self._serving = None
                 self._to_client(status.raw)
                 return
             status_raw = status.raw
@@ -645,6 +649,10 @@ class Pop3Layer:
                       and not (key is not None and self.setup.cache.get(key)))
         if ahead is not None and ahead.peeked:
             peeked = yield from self._read_peeked(held, spool, ahead)
+            if peeked.oversize is not None:
+                self._peek_differs(ahead)
+                yield from self._oversize(command, held, spool, peeked.oversize, started)
+                return
             if peeked.delivered:
                 assert ahead.result is not None
                 self._record(command, key, None, ahead.result, "deliver", ahead=True,
@@ -827,8 +835,8 @@ class Pop3Layer:
         out = [] if held.keepalive.status_sent else [held.status]
         size = 0
         # Sent early: by the keep-alive (every outcome starts with them), or forwarded from a
-        # peeked copy (only the original follows those).
-        skip = held.keepalive.sent + held.forwarded
+        # peeked copy (only the original follows those); the one may include the other.
+        skip = max(held.keepalive.sent, held.forwarded)
         for piece in pieces:
             if skip:
                 cut = min(skip, len(piece))
@@ -897,7 +905,7 @@ class Pop3Layer:
         the client's next command is not already here.
         """
         mode, arguments = self.config.scan_ahead, command.arguments
-        if (mode == "off" or command.verb != "RETR"
+        if (mode not in ("top", "retr") or command.verb != "RETR"
                 or len(arguments) != 1 or not arguments[0].isdigit() or self.client.has_line
                 or self.state is not states.SessionState.TRANSACTION
                 or (mode == "top" and self.setup.destination in self.setup.no_peek)):
@@ -917,7 +925,7 @@ class Pop3Layer:
         fetch = f"TOP {number} {parts[1].decode()}" if mode == "top" else f"RETR {number}"
         status = yield from self._ask_server(_command(fetch), unstuff=True)
         if not (status.ok and self.server.state == "body"):
-            if mode == "top" and not status.text.startswith(b"[SYS/TEMP]"):
+            if mode == "top" and not _transient(status.text):
                 # LIST has just found the message: it is TOP the server cannot do.
                 self._no_peek(f"TOP failed: {status.text[:80].decode(errors='replace')}")
             return
@@ -936,11 +944,15 @@ class Pop3Layer:
 
         While the two agree and that copy's verdict passes the original, the response goes
         on to the client as it comes, so the client's read overlaps the server's transfer;
-        otherwise it waits for the end. A response that differs is kept in `spool` (what
-        the client already has of it included), to be scanned itself.
+        otherwise it waits for the end, with the keep-alive sending of the trace fields only
+        what the response has matched so far. A response that differs is kept in `spool`
+        (what the client already has of it included), to be scanned itself; one that
+        passes max_scan_size meanwhile is handed back unread (`_Peeked.oversize`).
         """
         content = ahead.content
         view = memoryview(content)
+        header = parse_header(content[:rewrite.HEADER_LIMIT], len(content) <= rewrite.HEADER_LIMIT)
+        trace = content[:rewrite.trace_length(header)] if header is not None else b""
         matched = 0  # octets of the response equal to the copy's
         same = True
         forwarding = False  # the copy's verdict is "deliver": matched octets go on at once
@@ -948,8 +960,9 @@ class Pop3Layer:
         while True:
             if same and not forwarding and ahead.result is not None:
                 forwarding = decide(ahead.result, self.config) == "deliver"
-            if forwarding and held.forwarded < matched:
-                piece = content[held.forwarded:matched]
+            sent = max(held.forwarded, held.keepalive.sent)
+            if forwarding and sent < matched:
+                piece = content[sent:matched]
                 self._to_client(held.stuffer.send(piece) if held.keepalive.status_sent
                                 else held.status + held.stuffer.send(piece))
                 held.keepalive.status_sent = True
@@ -965,12 +978,13 @@ class Pop3Layer:
                 if same:
                     if view[matched:matched + len(data)] == data:
                         matched += len(data)
+                        if matched - len(data) < len(trace):
+                            held.keepalive.offer(trace[:matched])
                         continue
                     same = False
                     spool.write(content[:matched])
                 if spool.size + len(data) > self.config.max_scan_size:
-                    raise _Abort("the server's RETR differed from its TOP and is too large",
-                                 SERVER_INVALID)
+                    return _Peeked(same=False, delivered=False, oversize=data)
                 spool.write(data)
             elif isinstance(event, BodyEnd):
                 break
@@ -978,8 +992,9 @@ class Pop3Layer:
                 raise _Abort("the server closed the connection mid-message", SERVER_GONE)
         same = same and matched == len(content)
         if same and forwarding:
+            sent = max(held.forwarded, held.keepalive.sent)
             self._to_client((b"" if held.keepalive.status_sent else held.status)
-                            + held.stuffer.send(content[held.forwarded:]) + held.stuffer.end())
+                            + held.stuffer.send(content[sent:]) + held.stuffer.end())
             held.keepalive.status_sent = True
             return _Peeked(same=True, delivered=True)
         if same:
@@ -995,7 +1010,10 @@ class Pop3Layer:
 
     def _no_peek(self, why: str) -> None:
         """This server is not scanned ahead with TOP again (by any session of this proxy)."""
-        self.setup.no_peek.add(self.setup.destination)
+        no_peek = self.setup.no_peek
+        if len(no_peek) >= NO_PEEK_MAX:  # bounded: any server may be intercepted
+            no_peek.pop()
+        no_peek.add(self.setup.destination)
         logs.warning("pop3_scan_ahead_off", id=self.setup.ident,
                      server=_where(self.setup.destination), detail=why)
 
@@ -1038,6 +1056,11 @@ class _Peeked:
 
     same: bool
     delivered: bool
+    oversize: bytes | None = None  # the piece that took a differing response past max_scan_size
+
+
+def _transient(text: bytes) -> bool:
+    return text[:16].upper().startswith(TRANSIENT_CODES)
 
 
 def _where(address: Address) -> str:

@@ -979,6 +979,50 @@ def test_a_retr_that_differs_after_a_prefix_went_out_is_cut_off_if_not_clean() -
     assert "differed" in (close.error or "")
 
 
+def test_a_peeked_message_waiting_for_its_verdict_is_kept_alive_like_any_other() -> None:
+    script = Script(scanning=True, scan_ahead="top", keepalive_after=10.0,
+                    keepalive_interval=10.0, scan_timeout=300.0)
+    scan = peeked_then_asked(script, None)
+    script.server(retr_response(SECOND))  # the same bytes; the verdict is not in yet
+    for when in (10.0, 20.0, 30.0):
+        script.at(when)
+    early = script.took_client()
+    assert early == b"+OK %d octets\r\n" % len(SECOND) + SECOND[:3]  # status and a byte, a byte
+    script.event(ScanDone(CLEAN, scan.token))
+    assert early + script.took_client() == retr_response(SECOND)
+
+
+def test_a_differing_retr_past_max_scan_size_is_oversize_as_any_other() -> None:
+    script = Script(scanning=True, scan_ahead="top", max_scan_size=1200)  # oversize: pass
+    peeked = peeked_then_asked(script, None)
+    other = SECOND + (b"y" * 70 + b"\r\n") * 20
+    script.server(retr_response(other))
+    assert CancelScan(peeked.token) in script.took()
+    assert script.layer.setup.no_peek == {("198.51.100.20", 110)}
+    assert script.took_client() == retr_response(other)  # relayed unscanned, as configured
+    assert script.closed is None
+
+
+def test_a_peeked_message_the_server_then_refuses_is_let_go() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    peeked = peeked_then_asked(script, None)
+    script.server(b"-ERR no such message\r\n")
+    assert script.took_client() == b"-ERR no such message\r\n"
+    assert script.took() == [CancelScan(peeked.token)]
+    script.event(ScanDone(CLEAN, peeked.token))  # late: kept by nobody
+    assert script.layer._serving is None and script.layer._ahead is None
+
+
+@pytest.mark.parametrize("reply", [b"-ERR [SYS/TEMP] busy\r\n", b"-ERR [in-use] locked\r\n"])
+def test_a_transient_top_failure_does_not_end_peeking(reply: bytes) -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    after_first_retr(script)
+    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    script.took_server()
+    script.server(reply)
+    assert script.layer.setup.no_peek == set()
+
+
 def test_a_server_whose_top_fails_is_not_peeked_at_again() -> None:
     script = Script(scanning=True, scan_ahead="top")
     after_first_retr(script)
