@@ -103,8 +103,12 @@ class ClamdClient:
             return ScanResult("failed", reason=f"{NAME}: message larger than the scan limit "
                               f"({self.config.max_size} bytes)", oversize=True)
         try:
-            async with asyncio.timeout(self.config.timeout), self._slots:
-                reply = await self._scan(content)
+            async with asyncio.timeout(self.config.timeout):
+                slot = await self._slot()
+                try:
+                    reply = await self._scan(content, slot)
+                finally:
+                    slot.release()
         except TimeoutError:
             return ScanResult("failed", reason=f"{NAME}: no answer within "
                               f"{self.config.timeout:g} s", timed_out=True)
@@ -127,6 +131,25 @@ class ClamdClient:
 
     def _stream_done(self, _task: object) -> None:
         self._streaming -= 1
+
+    async def _slot(self) -> _Slot:
+        await self._slots.acquire()
+        return _Slot(self._slots)
+
+    async def _answer(self, session: Connection, slot: _Slot,
+                      last: bytes = b"") -> ClamdReply:
+        """The reply to the INSTREAM on `session` (see `_reply`). Given up on (a timeout, a
+        cancelled scan), it is still awaited in the background, for at most one more
+        [scan] timeout, and `slot` stays taken meanwhile: clamd scans what it has whatever
+        the client does, and a clamd that has fallen behind must not be handed more than
+        `concurrency` messages at once."""
+        task = asyncio.get_running_loop().create_task(self._reply(session, last),
+                                                      name="clamd-reply")
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            slot.hold_until(task, self.config.timeout)
+            raise
 
     async def _session(self) -> Connection:
         """A pooled IDSESSION, or a new one."""
@@ -155,18 +178,19 @@ class ClamdClient:
             else:
                 session.close()
 
-    async def _scan(self, content: bytes) -> ClamdReply:
+    async def _scan(self, content: bytes, slot: _Slot) -> ClamdReply:
         session = self._pool.take()
         if session is not None:
             try:
-                return await self._command(session, content)
+                return await self._command(session, content, slot)
             except (OSError, asyncio.IncompleteReadError) as exc:
                 # A pooled session clamd closed meanwhile (ReadTimeout, restart): a fresh one.
                 if not _closed_early(exc):
                     raise
-        return await self._command(await self._new_session(), content)
+        return await self._command(await self._new_session(), content, slot)
 
-    async def _command(self, session: Connection, content: bytes) -> ClamdReply:
+    async def _command(self, session: Connection, content: bytes,
+                       slot: _Slot) -> ClamdReply:
         session.requests += 1
         try:
             session.writer.write(INSTREAM)
@@ -178,7 +202,7 @@ class ClamdClient:
         except BaseException:
             session.close()
             raise
-        return await self._reply(session)
+        return await self._answer(session, slot)
 
     def close(self) -> None:
         self._pool.close()
@@ -268,19 +292,46 @@ class ClamdStream:
                     self._wake.clear()
                     await self._wake.wait()
                 # The end marker starts clamd's scan: only within the scans' bound.
-                await client._slots.acquire()
+                slot = await client._slot()
             except BaseException:
                 session.close()
                 raise
             try:
-                return await client._reply(session, END_OF_STREAM)
+                return await client._answer(session, slot, END_OF_STREAM)
             finally:
-                client._slots.release()
+                slot.release()
         except (OSError, ScannerError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError, TimeoutError):
             self._given_up = True
             self._waiting.clear()
             return None
+
+
+class _Slot:
+    """One of the client's `concurrency` scan slots, released once."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def hold_until(self, task: asyncio.Task[ClamdReply], timeout: float) -> None:
+        """Keep the slot until `task` (clamd's reply) ends, or `timeout` from now."""
+        slots, self._slots = self._slots, None
+        if slots is None:
+            return
+        late = asyncio.get_running_loop().call_later(timeout, task.cancel)
+
+        def ended(task: asyncio.Task[ClamdReply]) -> None:
+            late.cancel()
+            slots.release()
+            if not task.cancelled():
+                task.exception()  # nobody waits for it any more: not an unretrieved error
+
+        task.add_done_callback(ended)
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.release()
 
 
 # What clamd writes on a session it ends for ReadTimeout (see the module's docstring).

@@ -254,3 +254,42 @@ def test_a_clamd_stream_and_its_whole_scan_share_one_timeout(tmp_path: Path) -> 
     assert connections == 2  # the stream's, then the whole scan's
     assert result.verdict == "failed" and result.timed_out, result
     assert took < 1.3, took
+
+
+def test_a_scan_given_up_on_keeps_its_slot_while_clamd_still_scans(tmp_path: Path) -> None:
+    """A clamd slower than [scan] timeout (a fault a real one does not make on demand): each
+    scan given up on still holds its slot until clamd answers, so clamd never has more than
+    `concurrency` messages at once, however many scans time out meanwhile."""
+    path = tmp_path / "slow.sock"
+    scanning = peak = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal scanning, peak
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\0\0\0\0")  # zIDSESSION, zINSTREAM, ..., the end marker
+            scanning += 1
+            peak = max(peak, scanning)
+            await asyncio.sleep(0.5)
+            scanning -= 1
+            writer.write(b"1: stream: OK\0")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[list[ScanResult], ScanResult]:
+        server = await asyncio.start_unix_server(serve, path=str(path))
+        client = clamd_at(path, timeout=0.2)
+        stream = client.stream()
+        assert stream is not None
+        stream.feed(MESSAGE)
+        given_up = await asyncio.gather(stream.finish(MESSAGE),
+                                        *(client.scan(MESSAGE) for _ in range(3)))
+        await asyncio.sleep(0.6)  # clamd has answered the one it scanned: the slot is free
+        after = await clamd_at(path, timeout=2.0).scan(MESSAGE)
+        client.close()
+        server.close()
+        return given_up, after
+
+    given_up, after = asyncio.run(main())
+    assert all(r.verdict == "failed" and r.timed_out for r in given_up), given_up
+    assert peak == 1
+    assert after.verdict == "clean"
