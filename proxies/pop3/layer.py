@@ -106,6 +106,7 @@ MAX_UNKNOWN_COMMANDS = 20
 MAX_CAPA_SIZE = 64 * 1024
 SCAN_AHEAD_MAX = 2 * 1024 * 1024  # the largest message scanned ahead (kept until it is asked)
 NO_PEEK_MAX = 4096  # servers remembered as not to be scanned ahead with TOP
+MAX_LISTING = 1 << 20  # the longest LIST listing kept for scan_ahead (some 80,000 messages)
 # RFC 2449 8 and RFC 3206: response codes of a failure that may not happen again.
 TRANSIENT_CODES = (b"[SYS/TEMP]", b"[IN-USE]", b"[LOGIN-DELAY]")
 
@@ -219,6 +220,7 @@ class Pop3Layer:
         self.finished = False
         self._ahead: _Ahead | None = None
         self._serving: _Ahead | None = None  # the one taken for the RETR being answered
+        self._listing_tried = False  # scan_ahead asked for a whole LIST once
         self._tokens = itertools.count(1)
         self._out: list[Command_] = []
         self._wait: _Wait | None = None
@@ -916,13 +918,11 @@ class Pop3Layer:
                 CacheKey(self.setup.destination, self.user, uid, "RETR")) is not None):
             return  # its verdict is known
         limit = min(SCAN_AHEAD_MAX, self.config.max_scan_size)
-        status = yield from self._ask_server(_command(f"LIST {number}"))
-        parts = status.text.split()
-        if not (status.ok and len(parts) >= 2 and parts[1].isdigit()
-                and int(parts[1]) <= limit):
+        size = yield from self._size(number.encode())
+        if size is None or size > limit:
             return
         # A body has fewer lines than the message has octets.
-        fetch = f"TOP {number} {parts[1].decode()}" if mode == "top" else f"RETR {number}"
+        fetch = f"TOP {number} {size}" if mode == "top" else f"RETR {number}"
         status = yield from self._ask_server(_command(fetch), unstuff=True)
         if not (status.ok and self.server.state == "body"):
             if mode == "top" and not _transient(status.text):
@@ -936,6 +936,30 @@ class Pop3Layer:
         self._emit(Scan(content, token))
         self._ahead = _Ahead(number.encode(), content, token, self.now, status.raw,
                              peeked=mode == "top")
+
+    def _size(self, number: bytes) -> Generator[_Wait, Any, int | None]:
+        """Message `number`'s size, or None if it is not there. The first time, a whole LIST
+        (unless the client had one relayed) gives them all, and then no message to be
+        fetched ahead costs a LIST of its own; a listing longer than MAX_LISTING does not
+        count, and each message is then LISTed alone."""
+        facts = self.facts
+        if number in facts.deleted:
+            return None
+        if not facts.listed and not self._listing_tried:
+            self._listing_tried = True
+            status = yield from self._ask_server(_command("LIST"))
+            if status.ok and self.server.state == "body":
+                listing = yield from self._body_within(MAX_LISTING, read_on=True)
+                if listing is not None:
+                    for line in listing.split(b"\r\n"):
+                        facts.learn_size(line)
+                    facts.listed = True
+        if facts.listed:
+            return facts.sizes.get(number)
+        status = yield from self._ask_server(_command(f"LIST {number.decode()}"))
+        if status.ok:
+            facts.learn_size(status.text)
+        return facts.sizes.get(number) if status.ok else None
 
     def _read_peeked(self, held: _Held, spool: Spool,
                      ahead: _Ahead) -> Generator[_Wait, Any, _Peeked]:

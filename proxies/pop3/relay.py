@@ -84,6 +84,9 @@ class SessionFacts:
     user: str | None = None
     pending_user: str | None = None  # USER's argument, the user once PASS succeeds
     uidls: dict[bytes, bytes] = field(default_factory=dict)
+    sizes: dict[bytes, int] = field(default_factory=dict)  # message number: octets (LIST)
+    listed: bool = False  # a whole LIST listing went by: `sizes` has every message
+    deleted: set[bytes] = field(default_factory=set)  # marked deleted (DELE, until RSET)
 
     def learn(self, command: Command, status: Status) -> None:
         """What a status line relayed in answer to `command` teaches."""
@@ -99,6 +102,18 @@ class SessionFacts:
             self.user = command.arguments[0].decode("utf-8", "replace")
         elif verb == "UIDL" and len(command.arguments) == 1:
             self.learn_uidl(status.text)
+        elif verb == "LIST" and len(command.arguments) == 1:
+            self.learn_size(status.text)
+        elif verb == "DELE" and command.arguments:
+            self.deleted.add(command.arguments[0])
+        elif verb == "RSET":
+            self.deleted.clear()
+
+    def learn_size(self, line: bytes) -> None:
+        """One line of a LIST listing (or a single LIST's status text): `number octets`."""
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            self.sizes[parts[0]] = int(parts[1])
 
     def learn_uidl(self, line: bytes) -> None:
         """One line of a UIDL listing (or a single UIDL's status text): `number uid`."""
@@ -133,7 +148,8 @@ class ResponseRelay:
         self.server = server
         self.facts = facts
         self.started = False  # part of the response went to the client
-        self._learn = command.verb == "UIDL"
+        # Listings teach each message's UIDL (the scan cache's key) or size (scan_ahead's).
+        self._learn = {"UIDL": facts.learn_uidl, "LIST": facts.learn_size}.get(command.verb)
         self._tail = b""  # an unfinished line of a UIDL listing
 
     def step(self) -> RelayStep:
@@ -146,13 +162,15 @@ class ResponseRelay:
                     break
                 if isinstance(event, BodyData):
                     out.append(event.data)
-                    if self._learn:
+                    if self._learn is not None:
                         *lines, self._tail = (self._tail + event.data).split(b"\n")
                         for line in lines:
-                            self.facts.learn_uidl(line)
+                            self._learn(line)
                 elif isinstance(event, BodyEnd):
                     out.append(b".\r\n")
                     done = True
+                    if self.command.verb == "LIST":
+                        self.facts.listed = True
                     break
                 elif isinstance(event, Status):
                     out.append(event.raw)

@@ -765,15 +765,26 @@ FIRST = message("first", b"one\r\n")
 SECOND = message("second", b"two\r\n.dotted\r\n")
 
 
+THIRD_SIZE = 300
+
+
+def listing(*sizes: int) -> bytes:
+    return (b"+OK %d messages\r\n" % len(sizes)
+            + b"".join(b"%d %d\r\n" % (n, size) for n, size in enumerate(sizes, 1)) + b".\r\n")
+
+
+MAILBOX = listing(len(FIRST), len(SECOND), THIRD_SIZE)
+
+
 def after_first_retr(script: Script) -> None:
-    """RETR 1 scanned and delivered; the layer has asked the server for message 2's size."""
+    """RETR 1 scanned and delivered; the layer has asked the server for the messages' sizes."""
     assert scanned_retr(script, FIRST, CLEAN) == retr_response(FIRST)
-    assert script.took_server() == b"LIST 2\r\n"
+    assert script.took_server() == b"LIST\r\n"
 
 
 def scanned_ahead(script: Script, fetch: bytes = b"RETR 2\r\n") -> Scan:
     after_first_retr(script)
-    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    script.server(MAILBOX)
     assert script.took_server() == fetch
     script.server(retr_response(SECOND), piece=9)
     (scan,) = script.took()
@@ -799,7 +810,7 @@ def test_the_next_message_is_fetched_and_scanned_while_the_client_reads() -> Non
     script.client(b"RETR 2\r\n")
     assert script.took_client() == retr_response(SECOND)  # at once, from what was fetched
     assert not any(isinstance(c, Scan) for c in script.took())
-    assert script.took_server() == b"LIST 3\r\n"  # and on to the next one
+    assert script.took_server() == b"RETR 3\r\n"  # and on to the next one, sizes known
 
 
 def test_a_retrieval_before_the_scan_ahead_is_done_waits_for_its_verdict() -> None:
@@ -833,8 +844,8 @@ def test_a_command_sent_during_the_scan_ahead_waits_for_its_response() -> None:
     script = Script(scanning=True, scan_ahead="retr")
     after_first_retr(script)
     script.client(b"DELE 1\r\n")
-    assert script.took_server() == b""  # the server is answering LIST 2
-    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    assert script.took_server() == b""  # the server is answering LIST
+    script.server(MAILBOX)
     assert script.took_server() == b"RETR 2\r\n"
     script.server(retr_response(SECOND))
     assert script.took_server() == b"DELE 1\r\n"
@@ -858,13 +869,40 @@ def test_no_scan_ahead_when_the_client_has_sent_its_next_command() -> None:
 def test_no_scan_ahead_for_a_big_message_or_one_that_is_not_there() -> None:
     script = Script(scanning=True, scan_ahead="retr")
     after_first_retr(script)
-    script.server(b"+OK 2 99000000\r\n")  # too big to keep until it is asked for
+    script.server(listing(len(FIRST), 99000000))  # too big to keep until it is asked for
     assert script.took_server() == b""
     retrieved_unscanned_ahead(script)
-    assert script.took_server() == b"LIST 3\r\n"
-    script.server(b"-ERR no such message\r\n")
-    assert script.took_server() == b""
+    assert script.took_server() == b""  # there is no message 3
     script.exchange(b"QUIT\r\n", b"+OK bye\r\n")
+
+
+def test_the_clients_own_listing_gives_the_sizes_and_deleted_messages_are_skipped() -> None:
+    script = Script(scanning=True, scan_ahead="retr")
+    script.logged_in()
+    script.exchange(b"LIST\r\n", MAILBOX)
+    script.exchange(b"DELE 3\r\n", b"+OK marked\r\n")
+    script.client(b"RETR 1\r\n")
+    script.took_server()
+    script.server(retr_response(FIRST))
+    (scan,) = script.took()
+    script.event(ScanDone(CLEAN, scan.token))
+    assert script.took_client() == retr_response(FIRST)
+    assert script.took_server() == b"RETR 2\r\n"  # no LIST of its own
+    script.server(retr_response(SECOND))
+    (ahead,) = script.took()
+    script.event(ScanDone(CLEAN, ahead.token))
+    script.client(b"RETR 2\r\n")
+    assert script.took_client() == retr_response(SECOND)
+    assert script.took_server() == b""  # message 3 is deleted: not fetched ahead
+
+
+def test_without_a_listing_each_message_is_listed_alone() -> None:
+    script = Script(scanning=True, scan_ahead="retr")
+    after_first_retr(script)
+    script.server(b"-ERR [SYS/TEMP] not now\r\n")
+    assert script.took_server() == b"LIST 2\r\n"
+    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    assert script.took_server() == b"RETR 2\r\n"
 
 
 def test_scanning_ahead_is_off_unless_configured() -> None:
@@ -900,7 +938,7 @@ def test_a_peeked_message_goes_on_as_the_server_sends_it_once_its_verdict_is_in(
     script.server(response[40:])
     assert early + script.took_client() == response
     assert not any(isinstance(c, Scan) for c in script.took())  # no second scan
-    assert script.took_server() == b"LIST 3\r\n"
+    assert script.took_server() == b"TOP 3 %d\r\n" % THIRD_SIZE
 
 
 def test_a_peeked_message_arrives_whole_and_byte_for_byte() -> None:
@@ -1017,7 +1055,7 @@ def test_a_peeked_message_the_server_then_refuses_is_let_go() -> None:
 def test_a_transient_top_failure_does_not_end_peeking(reply: bytes) -> None:
     script = Script(scanning=True, scan_ahead="top")
     after_first_retr(script)
-    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    script.server(MAILBOX)
     script.took_server()
     script.server(reply)
     assert script.layer.setup.no_peek == set()
@@ -1026,7 +1064,7 @@ def test_a_transient_top_failure_does_not_end_peeking(reply: bytes) -> None:
 def test_a_server_whose_top_fails_is_not_peeked_at_again() -> None:
     script = Script(scanning=True, scan_ahead="top")
     after_first_retr(script)
-    script.server(b"+OK 2 %d\r\n" % len(SECOND))
+    script.server(MAILBOX)
     assert script.took_server() == b"TOP 2 %d\r\n" % len(SECOND)
     script.server(b"-ERR unknown command\r\n")
     assert script.layer.setup.no_peek == {("198.51.100.20", 110)}
@@ -1037,7 +1075,7 @@ def test_a_server_whose_top_fails_is_not_peeked_at_again() -> None:
 def test_a_message_longer_than_its_listed_size_is_not_kept_ahead() -> None:
     script = Script(scanning=True, scan_ahead="retr", max_scan_size=1000)
     after_first_retr(script)
-    script.server(b"+OK 2 500\r\n")
+    script.server(listing(len(FIRST), 500))
     assert script.took_server() == b"RETR 2\r\n"
     script.server(retr_response(message("long", (b"y" * 70 + b"\r\n") * 30)))
     assert script.took() == []  # nothing scanned, nothing kept

@@ -79,6 +79,24 @@ def test_uidl_listing_is_learnt_across_any_split(chunk: int) -> None:
     assert facts.uidls == {b"1": b"uid-one", b"2": b"uid-two", b"3": b"uid-three"}
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_a_list_listing_teaches_every_size(chunk: int) -> None:
+    facts = SessionFacts(SessionState.TRANSACTION)
+    relay(b"LIST\r\n", b"+OK 2 messages\r\n1 120\r\n2 5000\r\n.\r\n", facts, chunk)
+    assert facts.sizes == {b"1": 120, b"2": 5000} and facts.listed
+
+
+def test_dele_and_rset_teach_what_is_deleted() -> None:
+    facts = SessionFacts(SessionState.TRANSACTION)
+    relay(b"LIST 2\r\n", b"+OK 2 5000\r\n", facts, 100)
+    assert facts.sizes == {b"2": 5000} and not facts.listed
+    relay(b"DELE 2\r\n", b"+OK marked\r\n", facts, 100)
+    relay(b"DELE 9\r\n", b"-ERR no such message\r\n", facts, 100)
+    assert facts.deleted == {b"2"}
+    relay(b"RSET\r\n", b"+OK\r\n", facts, 100)
+    assert facts.deleted == set()
+
+
 def test_a_single_uidl_is_learnt_from_its_status_line() -> None:
     facts = SessionFacts(SessionState.TRANSACTION)
     relay(b"UIDL 2\r\n", b"+OK 2 uid-two\r\n", facts, 100)
