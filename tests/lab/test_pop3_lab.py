@@ -461,6 +461,23 @@ verbose = 1
     assert not any(b"UEsDB" in c or b"WDVPIVAlQEFQ" in c for c in got)
 
 
+def test_fetchmail_and_getmail_with_scan_ahead_top(lab_factory: LabFactory,
+                                                  tmp_path: Path) -> None:
+    """Real clients with scan_ahead = "top": fetchmail's keep (TOP) and nokeep (RETR, DELE)
+    runs and getmail's get the same outcomes as without it, and fetchmail's RETRs were
+    answered from messages fetched ahead (its own LIST gave the sizes)."""
+    gateway = _gateway(lab_factory("router", make_bridge=False), tmp_path)
+    remaining = (clean_message(2), spam_message(), virus_message(), zipped_eicar_message())
+    deliver(gateway, *remaining)
+    gateway.start_proxy(scan_ahead="top")
+    _fetchmail_checks(gateway)
+    assert any(e["ahead"] for e in gateway.events("pop3_message")
+               if e["command"].startswith("RETR"))
+    deliver(gateway, *remaining)  # nokeep took them all
+    _getmail_check(gateway)
+    assert not gateway.events("pop3_scan_ahead_off")
+
+
 # --- a 50 MB message ---------------------------------------------------------------------------
 
 
