@@ -93,6 +93,7 @@ from proxies.pop3.relay import (
     ResponseRelay,
     SessionFacts,
     client_capabilities,
+    message_number,
     route,
 )
 from proxies.pop3.spool import Spool
@@ -592,8 +593,8 @@ class Pop3Layer:
         arguments = command.arguments
         if not self.setup.cache.enabled or self.user is None or not arguments:
             return None
-        number = arguments[0]
-        if not number.isdigit():
+        number = message_number(arguments[0])
+        if number is None:
             return None
         if number not in self.facts.uidls:
             status = yield from self._ask_server(_command(f"UIDL {number.decode()}"))
@@ -945,6 +946,8 @@ class Pop3Layer:
         facts = self.facts
         if number in facts.deleted:
             return None
+        if number in facts.sizes:
+            return facts.sizes[number]
         if not facts.listed and not self._listing_tried:
             self._listing_tried = True
             status = yield from self._ask_server(_command("LIST"))
@@ -952,8 +955,8 @@ class Pop3Layer:
                 listing = yield from self._body_within(MAX_LISTING, read_on=True)
                 if listing is not None:
                     for line in listing.split(b"\r\n"):
-                        facts.learn_size(line)
-                    facts.listed = True
+                        facts.learn_size(line, listing=True)
+                    facts.listed = not facts.sizes_full
         if facts.listed:
             return facts.sizes.get(number)
         status = yield from self._ask_server(_command(f"LIST {number.decode()}"))
@@ -1046,7 +1049,10 @@ class Pop3Layer:
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
-        if command.verb == "RETR" and command.arguments == [ahead.number]:
+        arguments = command.arguments
+        if (command.verb == "RETR" and len(arguments) == 1
+                and message_number(arguments[0]) == ahead.number
+                and ahead.number not in self.facts.deleted):  # the server would refuse it
             metrics.current.pop3_scan_ahead("used")
             self._serving = ahead
             return ahead

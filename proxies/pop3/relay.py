@@ -78,6 +78,14 @@ def client_capabilities(body: bytes, tls_mode: str, offer_stls: bool) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
+MAX_LEARNT = 5000  # entries a listing teaches (a bigger mailbox's others are asked one by one)
+
+
+def message_number(argument: bytes) -> bytes | None:
+    """A message-number argument as the server's listings spell it ("02" is 2), or None."""
+    return str(int(argument)).encode() if argument.isdigit() else None
+
+
 @dataclass
 class SessionFacts:
     state: states.SessionState = states.SessionState.AUTHORIZATION
@@ -86,6 +94,7 @@ class SessionFacts:
     uidls: dict[bytes, bytes] = field(default_factory=dict)
     sizes: dict[bytes, int] = field(default_factory=dict)  # message number: octets (LIST)
     listed: bool = False  # a whole LIST listing went by: `sizes` has every message
+    sizes_full: bool = False  # a listing had more than MAX_LEARNT: `sizes` does not have all
     deleted: set[bytes] = field(default_factory=set)  # marked deleted (DELE, until RSET)
 
     def learn(self, command: Command, status: Status) -> None:
@@ -105,21 +114,33 @@ class SessionFacts:
         elif verb == "LIST" and len(command.arguments) == 1:
             self.learn_size(status.text)
         elif verb == "DELE" and command.arguments:
-            self.deleted.add(command.arguments[0])
+            number = message_number(command.arguments[0])
+            if number is not None:
+                self.deleted.add(number)
         elif verb == "RSET":
+            if self.deleted:
+                # A listing leaves deleted messages out (RFC 1939 5): back, they are in none.
+                self.listed = False
             self.deleted.clear()
 
-    def learn_size(self, line: bytes) -> None:
-        """One line of a LIST listing (or a single LIST's status text): `number octets`."""
+    def learn_size(self, line: bytes, listing: bool = False) -> None:
+        """One line of a LIST listing (`listing`: at most MAX_LEARNT of them are kept) or a
+        single LIST's status text: `number octets`."""
         parts = line.split()
         if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
-            self.sizes[parts[0]] = int(parts[1])
+            if listing and len(self.sizes) >= MAX_LEARNT:
+                self.sizes_full = True
+                return
+            self.sizes[str(int(parts[0])).encode()] = int(parts[1])
 
-    def learn_uidl(self, line: bytes) -> None:
-        """One line of a UIDL listing (or a single UIDL's status text): `number uid`."""
+    def learn_uidl(self, line: bytes, listing: bool = False) -> None:
+        """One line of a UIDL listing (`listing`: at most MAX_LEARNT of them are kept) or a
+        single UIDL's status text: `number uid`."""
         parts = line.split()
         if len(parts) >= 2 and parts[0].isdigit():
-            self.uidls[parts[0]] = parts[1]
+            if listing and len(self.uidls) >= MAX_LEARNT:
+                return
+            self.uidls[str(int(parts[0])).encode()] = parts[1]
 
 
 class RelayFailed(Exception):
@@ -165,12 +186,12 @@ class ResponseRelay:
                     if self._learn is not None:
                         *lines, self._tail = (self._tail + event.data).split(b"\n")
                         for line in lines:
-                            self._learn(line)
+                            self._learn(line, True)
                 elif isinstance(event, BodyEnd):
                     out.append(b".\r\n")
                     done = True
                     if self.command.verb == "LIST":
-                        self.facts.listed = True
+                        self.facts.listed = not self.facts.sizes_full
                     break
                 elif isinstance(event, Status):
                     out.append(event.raw)

@@ -56,6 +56,7 @@ class ConnectionPool:
     def __init__(self, size: int) -> None:
         self.size = size
         self._idle: list[Connection] = []
+        self._closed = False
 
     def take(self) -> Connection | None:
         while self._idle:
@@ -66,11 +67,13 @@ class ConnectionPool:
         return None
 
     def give_back(self, connection: Connection) -> None:
-        if len(self._idle) < self.size and connection.usable:
+        # After close: a reply awaited in the background (a scan given up on) came late.
+        if not self._closed and len(self._idle) < self.size and connection.usable:
             self._idle.append(connection)
         else:
             connection.close()
 
     def close(self) -> None:
+        self._closed = True
         while self._idle:
             self._idle.pop().close()

@@ -793,14 +793,19 @@ def scanned_ahead(script: Script, fetch: bytes = b"RETR 2\r\n") -> Scan:
     return scan
 
 
-def retrieved_unscanned_ahead(script: Script) -> None:
-    """RETR 2 goes to the server and is scanned then, as without scanning ahead."""
-    script.client(b"RETR 2\r\n")
-    assert script.took_server() == b"RETR 2\r\n"
-    script.server(retr_response(SECOND))
+def scanned_clean(script: Script, command: bytes, content: bytes) -> None:
+    """`command` goes to the server, its `content` is scanned clean and delivered."""
+    script.client(command)
+    assert script.took_server() == command
+    script.server(retr_response(content))
     (scan,) = script.took()
     script.event(ScanDone(CLEAN, scan.token))
-    assert script.took_client() == retr_response(SECOND)
+    assert script.took_client() == retr_response(content)
+
+
+def retrieved_unscanned_ahead(script: Script) -> None:
+    """RETR 2 goes to the server and is scanned then, as without scanning ahead."""
+    scanned_clean(script, b"RETR 2\r\n", SECOND)
 
 
 def test_the_next_message_is_fetched_and_scanned_while_the_client_reads() -> None:
@@ -894,6 +899,54 @@ def test_the_clients_own_listing_gives_the_sizes_and_deleted_messages_are_skippe
     script.client(b"RETR 2\r\n")
     assert script.took_client() == retr_response(SECOND)
     assert script.took_server() == b""  # message 3 is deleted: not fetched ahead
+
+
+LIST_ALL = (b"LIST\r\n", MAILBOX)
+
+
+def first_after(script: Script, *exchanges: tuple[bytes, bytes]) -> None:
+    """The client's `exchanges`, relayed, then RETR 1 scanned and delivered."""
+    script.logged_in()
+    for command, response in exchanges:
+        script.exchange(command, response)
+    scanned_clean(script, b"RETR 1\r\n", FIRST)
+
+
+def test_a_message_deleted_in_any_spelling_is_not_fetched_ahead() -> None:
+    script = Script(scanning=True, scan_ahead="top")
+    first_after(script, LIST_ALL, (b"DELE 02\r\n", b"+OK marked\r\n"))  # 02 is message 2
+    assert script.took_server() == b""
+    assert script.layer.setup.no_peek == set()
+
+
+def fetched_ahead_after_listing(script: Script) -> None:
+    first_after(script, LIST_ALL)
+    assert script.took_server() == b"RETR 2\r\n"
+    script.server(retr_response(SECOND))
+    (ahead,) = script.took()
+    script.event(ScanDone(CLEAN, ahead.token))
+
+
+def test_a_message_deleted_after_it_was_fetched_ahead_is_not_served_from_the_copy() -> None:
+    script = Script(scanning=True, scan_ahead="retr")
+    fetched_ahead_after_listing(script)
+    script.exchange(b"DELE 2\r\n", b"+OK marked\r\n")
+    script.exchange(b"RETR 2\r\n", b"-ERR Message is deleted.\r\n")  # the server answers
+
+
+def test_a_copy_fetched_ahead_serves_any_spelling_of_its_number() -> None:
+    script = Script(scanning=True, scan_ahead="retr")
+    fetched_ahead_after_listing(script)
+    script.client(b"RETR 002\r\n")
+    assert script.took_client() == retr_response(SECOND)
+
+
+def test_after_rset_the_listing_is_asked_for_again() -> None:
+    script = Script(scanning=True, scan_ahead="retr")
+    first_after(script, (b"DELE 2\r\n", b"+OK marked\r\n"),
+                (b"LIST\r\n", listing(len(FIRST))),  # a listing leaves message 2 out
+                (b"RSET\r\n", b"+OK\r\n"))
+    assert script.took_server() == b"LIST\r\n"  # a listing of its own, with message 2
 
 
 def test_without_a_listing_each_message_is_listed_alone() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from proxies.pop3.codec import ClientReader, Command, ServerReader, Status
 from proxies.pop3.relay import (
+    MAX_LEARNT,
     AuthExchange,
     RelayFailed,
     ResponseRelay,
@@ -86,11 +87,20 @@ def test_a_list_listing_teaches_every_size(chunk: int) -> None:
     assert facts.sizes == {b"1": 120, b"2": 5000} and facts.listed
 
 
+def test_listings_teach_canonical_numbers_and_at_most_max_learnt() -> None:
+    facts = SessionFacts(SessionState.TRANSACTION)
+    lines = b"".join(b"%d 100\r\n" % n for n in range(1, MAX_LEARNT + 2))
+    relay(b"LIST\r\n", b"+OK\r\n" + lines + b".\r\n", facts, 4096)
+    assert len(facts.sizes) == MAX_LEARNT and not facts.listed  # the rest: one by one
+    relay(b"UIDL 007\r\n", b"+OK 007 uid-seven\r\n", facts, 100)
+    assert facts.uidls == {b"7": b"uid-seven"}
+
+
 def test_dele_and_rset_teach_what_is_deleted() -> None:
     facts = SessionFacts(SessionState.TRANSACTION)
     relay(b"LIST 2\r\n", b"+OK 2 5000\r\n", facts, 100)
     assert facts.sizes == {b"2": 5000} and not facts.listed
-    relay(b"DELE 2\r\n", b"+OK marked\r\n", facts, 100)
+    relay(b"DELE 02\r\n", b"+OK marked\r\n", facts, 100)
     relay(b"DELE 9\r\n", b"-ERR no such message\r\n", facts, 100)
     assert facts.deleted == {b"2"}
     relay(b"RSET\r\n", b"+OK\r\n", facts, 100)

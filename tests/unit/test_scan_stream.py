@@ -14,6 +14,7 @@ from pathlib import Path
 from proxies.scan.api import ScanResult, StreamingScanner
 from proxies.scan.clamd import STREAM_BACKLOG, ClamdClient
 from proxies.scan.config import PolicyConfig, ScannerConfig, SocketAddress
+from proxies.scan.connection import ConnectionPool
 from proxies.scan.engine import PARSE_IN_THREAD, MultiScanner
 from proxies.scan.rules import ContentRules
 from tests.unit.scan_messages import with_attachments
@@ -293,3 +294,29 @@ def test_a_scan_given_up_on_keeps_its_slot_while_clamd_still_scans(tmp_path: Pat
     assert all(r.verdict == "failed" and r.timed_out for r in given_up), given_up
     assert peak == 1
     assert after.verdict == "clean"
+
+
+def test_a_reply_that_comes_after_close_does_not_refill_the_pool(tmp_path: Path) -> None:
+    path = tmp_path / "late.sock"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\0\0\0\0")
+            await asyncio.sleep(0.3)
+            writer.write(b"1: stream: OK\0")
+            await writer.drain()
+            await reader.read()  # until the client closes
+        writer.close()
+
+    async def main() -> tuple[ScanResult, ConnectionPool]:
+        server = await asyncio.start_unix_server(serve, path=str(path))
+        client = clamd_at(path, timeout=0.1)
+        result = await client.scan(MESSAGE)
+        client.close()  # shutting down while clamd still scans
+        await asyncio.sleep(0.4)  # its answer comes
+        server.close()
+        return result, client._pool
+
+    result, pool = asyncio.run(main())
+    assert result.timed_out
+    assert pool.take() is None  # the late session was closed, not kept
