@@ -222,6 +222,7 @@ class Pop3Layer:
         self._ahead: _Ahead | None = None
         self._serving: _Ahead | None = None  # the one taken for the RETR being answered
         self._listing_tried = False  # scan_ahead asked for a whole LIST once
+        self._peek_reading = False  # in _read_peeked: the copy's verdict resumes a server wait
         self._tokens = itertools.count(1)
         self._out: list[Command_] = []
         self._wait: _Wait | None = None
@@ -247,6 +248,9 @@ class Pop3Layer:
                     ahead.result = event.result
             if wait.kind == "scan" and wait.token == event.token:
                 self._resume(event)
+            elif (wait.kind == "server" and self._peek_reading and self._serving is not None
+                  and event.token == self._serving.token):
+                self._resume(event)  # the peeked RETR's relay may start now
             return out
         kind = _RESULTS.get(type(event))
         if kind is not None:
@@ -380,20 +384,28 @@ class Pop3Layer:
     def _server_event(self, held: _Held | None = None) -> Generator[_Wait, Any, ServerEvent]:
         deadline = self.now + self.config.server_timeout
         while True:
-            try:
-                event = self.server.next_event()
-            except RemoteProtocolError as exc:
-                raise _Abort(exc.message, exc.reply or SERVER_INVALID) from None
+            event = self._next_server_event()
             if not isinstance(event, NeedData):
                 return event
             if held is None:
                 yield _Wait("server", deadline, SERVER_LATE)
-                continue
-            got = yield _Wait("server", min(deadline, held.keepalive.next_due))
-            if got is TIMEOUT:
-                if self.now >= deadline:
-                    raise _Abort("the server did not answer in time", SERVER_SILENT)
-                self._keepalive_tick(held)
+            else:
+                yield from self._held_wait(held, deadline)
+
+    def _next_server_event(self) -> ServerEvent | NeedData:
+        try:
+            return self.server.next_event()
+        except RemoteProtocolError as exc:
+            raise _Abort(exc.message, exc.reply or SERVER_INVALID) from None
+
+    def _held_wait(self, held: _Held, deadline: float) -> Generator[_Wait, Any, object]:
+        """A wait for the server while a response is held back: the keep-alive meanwhile."""
+        got = yield _Wait("server", min(deadline, held.keepalive.next_due))
+        if got is TIMEOUT:
+            if self.now >= deadline:
+                raise _Abort("the server did not answer in time", SERVER_SILENT)
+            self._keepalive_tick(held)
+        return got
 
     def _server_status(self) -> Generator[_Wait, Any, Status]:
         event = yield from self._server_event()
@@ -976,6 +988,14 @@ class Pop3Layer:
         (what the client already has of it included), to be scanned itself; one that
         passes max_scan_size meanwhile is handed back unread (`_Peeked.oversize`).
         """
+        self._peek_reading = True
+        try:
+            return (yield from self._compare_peeked(held, spool, ahead))
+        finally:
+            self._peek_reading = False
+
+    def _compare_peeked(self, held: _Held, spool: Spool,
+                        ahead: _Ahead) -> Generator[_Wait, Any, _Peeked]:
         content = ahead.content
         view = memoryview(content)
         header = parse_header(content[:rewrite.HEADER_LIMIT], len(content) <= rewrite.HEADER_LIMIT)
@@ -998,8 +1018,9 @@ class Pop3Layer:
                 if unflushed >= CHUNK:
                     unflushed = 0
                     yield from self._flush()
-            # Once content has gone out, the keep-alive must send nothing more.
-            event = yield from self._server_event(None if held.forwarded else held)
+            event = yield from self._peeked_event(held)
+            if event is None:  # the copy's verdict came first: it may start the relay
+                continue
             if isinstance(event, BodyData):
                 data = event.data
                 if same:
@@ -1029,6 +1050,24 @@ class Pop3Layer:
         elif not spool.size:
             spool.write(content[:matched])  # a response shorter than the copy
         return _Peeked(same=same, delivered=False)
+
+    def _peeked_event(self, held: _Held) -> Generator[_Wait, Any, ServerEvent | None]:
+        """The server's next event for `_read_peeked`, or None if the copy's verdict comes
+        first. Until content has gone out the keep-alive runs; after, nothing more may be
+        sent early, and the wait stalls with the client, as a relayed response's does."""
+        deadline = self.now + self.config.server_timeout
+        while True:
+            event = self._next_server_event()
+            if not isinstance(event, NeedData):
+                return event
+            if held.forwarded:
+                got = yield _Wait("server", deadline, SERVER_LATE_MIDWAY, stalls=True)
+                if isinstance(got, ClientWritable):
+                    deadline = self.now + self.config.server_timeout  # it waited for the client
+            else:
+                got = yield from self._held_wait(held, deadline)
+            if isinstance(got, ScanDone):
+                return None
 
     def _peek_differs(self, ahead: _Ahead) -> None:
         self._cancel(ahead)

@@ -1008,9 +1008,25 @@ def test_a_peeked_verdict_that_comes_during_the_transfer_starts_the_relay_there(
     script.server(response[:30])
     assert script.took_client() == b""  # no verdict yet: nothing
     script.event(ScanDone(CLEAN, scan.token))
+    early = script.took_client()  # at once, not at the server's next bytes
+    assert early == response[:30]
     script.server(response[30:], piece=5)
-    assert script.took_client() == response
+    assert early + script.took_client() == response
     assert script.took() == []
+
+
+def test_a_peeked_relay_stops_reading_the_server_while_the_client_does_not_read() -> None:
+    script = Script(scanning=True, scan_ahead="top", client_timeout=60.0)
+    peeked_then_asked(script, CLEAN)
+    script.server(retr_response(SECOND)[:40])
+    assert script.took_client()
+    script.event(ClientPaused())
+    assert script.layer.forwarding  # the driver stops reading the server
+    script.at(59.0)
+    assert script.closed is None
+    script.at(60.0)
+    close = script.closed
+    assert close is not None and close.error == "the client stopped reading"
 
 
 def test_a_peeked_virus_is_replaced_once_the_servers_copy_matched() -> None:
