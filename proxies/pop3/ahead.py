@@ -71,12 +71,13 @@ class ScanningAhead(Conversing):
                 or (mode == "top" and self.setup.destination in self.setup.no_peek)):
             return
         number = str(int(arguments[0]) + 1)
-        cache, uid = self.setup.cache, self.facts.uidls.get(number.encode())
+        key = number.encode()  # as listings spell it
+        cache, uid = self.setup.cache, self.facts.uidls.get(key)
         if (cache.enabled and uid is not None and self.user is not None and cache.get(
                 CacheKey(self.setup.destination, self.user, uid, "RETR")) is not None):
             return  # its verdict is known
         limit = min(SCAN_AHEAD_MAX, self.config.max_scan_size)
-        size = yield from self._size(number.encode())
+        size = yield from self._size(key)
         if size is None or size > limit:
             return
         # A body has fewer lines than the message has octets.
@@ -92,7 +93,7 @@ class ScanningAhead(Conversing):
             return
         token = next(self._tokens)
         self._emit(Scan(content, token))
-        self._ahead = Ahead(number.encode(), content, token, self.now, status.raw,
+        self._ahead = Ahead(key, content, token, self.now, status.raw,
                              peeked=mode == "top")
 
     def _size(self, number: bytes) -> Generator[Wait, Any, int | None]:
@@ -113,7 +114,7 @@ class ScanningAhead(Conversing):
                 if listing is not None:
                     for line in listing.split(b"\r\n"):
                         facts.learn_size(line, listing=True)
-                    facts.listed = not facts.sizes_full
+                    facts.learnt_listing()
         if facts.listed:
             return facts.sizes.get(number)
         status = yield from self._ask_server(command_line(f"LIST {number.decode()}"))
@@ -131,7 +132,8 @@ class ScanningAhead(Conversing):
         otherwise it waits for the end, with the keep-alive sending of the trace fields only
         what the response has matched so far. A response that differs is kept in `spool`
         (what the client already has of it included), to be scanned itself; one that
-        passes max_scan_size meanwhile is handed back unread (`Peeked.oversize`).
+        passes max_scan_size meanwhile is handed back unread (`Peeked.oversize`). Either way
+        the copy is let go and the server not peeked at again (`_peek_differs`).
         """
         self._peek_reading = True
         try:
@@ -154,12 +156,9 @@ class ScanningAhead(Conversing):
                 forwarding = decide(ahead.result, self.config) == "deliver"
             sent = max(held.forwarded, held.keepalive.sent)
             if forwarding and sent < matched:
-                piece = content[sent:matched]
-                self._to_client(held.stuffer.send(piece) if held.keepalive.status_sent
-                                else held.status + held.stuffer.send(piece))
-                held.keepalive.status_sent = True
+                self._forward(held, content[sent:matched])
                 held.forwarded = matched
-                unflushed += len(piece)
+                unflushed += matched - sent
                 if unflushed >= CHUNK:
                     unflushed = 0
                     yield from self._flush()
@@ -177,6 +176,7 @@ class ScanningAhead(Conversing):
                     same = False
                     spool.write(content[:matched])
                 if spool.size + len(data) > self.config.max_scan_size:
+                    self._peek_differs(ahead)
                     return Peeked(same=False, delivered=False, oversize=data)
                 spool.write(data)
             elif isinstance(event, BodyEnd):
@@ -185,16 +185,23 @@ class ScanningAhead(Conversing):
                 raise Abort("the server closed the connection mid-message", SERVER_GONE)
         same = same and matched == len(content)
         if same and forwarding:
-            sent = max(held.forwarded, held.keepalive.sent)
-            self._to_client((b"" if held.keepalive.status_sent else held.status)
-                            + held.stuffer.send(content[sent:]) + held.stuffer.end())
-            held.keepalive.status_sent = True
+            self._forward(held, content[max(held.forwarded, held.keepalive.sent):], end=True)
             return Peeked(same=True, delivered=True)
         if same:
             spool.write(content)
-        elif not spool.size:
+            return Peeked(same=True, delivered=False)
+        if not spool.size:
             spool.write(content[:matched])  # a response shorter than the copy
-        return Peeked(same=same, delivered=False)
+        self._peek_differs(ahead)
+        return Peeked(same=False, delivered=False)
+
+    def _forward(self, held: Held, piece: bytes, *, end: bool = False) -> None:
+        """Verified content of a peeked message to the client (the held status line first)."""
+        out = [held.stuffer.send(piece), held.stuffer.end() if end else b""]
+        if not held.keepalive.status_sent:
+            out.insert(0, held.status)
+            held.keepalive.status_sent = True
+        self._to_client(b"".join(out))
 
     def _peeked_event(self, held: Held) -> Generator[Wait, Any, ServerEvent | None]:
         """The server's next event for `_read_peeked`, or None if the copy's verdict comes

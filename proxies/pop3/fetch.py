@@ -110,7 +110,6 @@ class Fetching(ScanningAhead):
         if ahead is not None and ahead.peeked:
             peeked = yield from self._read_peeked(held, spool, ahead)
             if peeked.oversize is not None:
-                self._peek_differs(ahead)
                 yield from self._oversize(command, held, spool, peeked.oversize, started)
                 return
             if peeked.delivered:
@@ -119,7 +118,6 @@ class Fetching(ScanningAhead):
                              size=len(ahead.content), spooled=False, started=started)
                 return
             if not peeked.same:
-                self._peek_differs(ahead)
                 ahead = None
         elif ahead is not None:
             spool.write(ahead.content)

@@ -126,21 +126,31 @@ class SessionFacts:
     def learn_size(self, line: bytes, listing: bool = False) -> None:
         """One line of a LIST listing (`listing`: at most MAX_LEARNT of them are kept) or a
         single LIST's status text: `number octets`."""
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
-            if listing and len(self.sizes) >= MAX_LEARNT:
-                self.sizes_full = True
-                return
-            self.sizes[str(int(parts[0])).encode()] = int(parts[1])
+        entry = _entry(line)
+        if entry is None or not entry[1].isdigit():
+            return
+        if listing and len(self.sizes) >= MAX_LEARNT:
+            self.sizes_full = True
+            return
+        self.sizes[entry[0]] = int(entry[1])
 
     def learn_uidl(self, line: bytes, listing: bool = False) -> None:
         """One line of a UIDL listing (`listing`: at most MAX_LEARNT of them are kept) or a
         single UIDL's status text: `number uid`."""
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit():
-            if listing and len(self.uidls) >= MAX_LEARNT:
-                return
-            self.uidls[str(int(parts[0])).encode()] = parts[1]
+        entry = _entry(line)
+        if entry is not None and not (listing and len(self.uidls) >= MAX_LEARNT):
+            self.uidls[entry[0]] = entry[1]
+
+    def learnt_listing(self) -> None:
+        """A whole LIST listing has gone by (`learn_size` had each line)."""
+        self.listed = not self.sizes_full
+
+
+def _entry(line: bytes) -> tuple[bytes, bytes] | None:
+    """A listing line's message number (as `message_number` spells it) and value."""
+    parts = line.split()
+    number = message_number(parts[0]) if len(parts) >= 2 else None
+    return None if number is None else (number, parts[1])
 
 
 class RelayFailed(Exception):
@@ -191,7 +201,7 @@ class ResponseRelay:
                     out.append(b".\r\n")
                     done = True
                     if self.command.verb == "LIST":
-                        self.facts.listed = not self.facts.sizes_full
+                        self.facts.learnt_listing()
                     break
                 elif isinstance(event, Status):
                     out.append(event.raw)
