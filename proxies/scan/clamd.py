@@ -257,7 +257,13 @@ class ClamdStream:
         try:
             async with asyncio.timeout_at(deadline):
                 if not self._given_up:
-                    reply = await self._task
+                    try:
+                        reply = await self._task  # our timeout or cancel cancels it too
+                    except asyncio.CancelledError:
+                        # A cancel() of the stream meanwhile, not of us: scan it whole.
+                        if (current := asyncio.current_task()) and current.cancelling():
+                            raise
+                        reply = None
                     if reply is not None:
                         return result_from_reply(reply)
                 return await self._client.scan(content)

@@ -320,3 +320,42 @@ def test_a_reply_that_comes_after_close_does_not_refill_the_pool(tmp_path: Path)
     result, pool = asyncio.run(main())
     assert result.timed_out
     assert pool.take() is None  # the late session was closed, not kept
+
+
+def test_a_clamd_stream_cancelled_while_it_finishes_scans_the_message_whole(
+        tmp_path: Path) -> None:
+    """cancel() while finish() waits for the stream's reply gives the caller a verdict (the
+    whole scan's), not the stream's CancelledError as though the caller had been cancelled."""
+    path = tmp_path / "slow.sock"
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\0\0\0\0")
+            await asyncio.sleep(5 if first else 0)  # the stream's scan is the slow one
+            writer.write(b"1: stream: OK\0")
+            await writer.drain()
+            await reader.read()
+
+    async def main() -> ScanResult:
+        server = await asyncio.start_unix_server(serve, path=str(path))
+        # Two slots: the cancelled stream keeps its own while clamd still scans (b8e765b).
+        client = ClamdClient(ScannerConfig(SocketAddress(path=path), timeout=2.0,
+                                           max_size=1 << 24, concurrency=2))
+        stream = client.stream()
+        assert stream is not None
+        stream.feed(MESSAGE)
+        finishing = asyncio.ensure_future(stream.finish(MESSAGE))
+        await asyncio.sleep(0.2)
+        stream.cancel()
+        result = await finishing
+        client.close()
+        server.close()
+        return result
+
+    result = asyncio.run(main())
+    assert result.verdict == "clean", result
+    assert connections == 2
