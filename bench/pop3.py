@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,29 @@ def start_relay(lab: Lab) -> subprocess.Popen[bytes]:
                                       "10110", "--json-events"], cwd=ROOT,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     JsonLines(process).wait_for(lambda e: e["event"] == "listening", what="relay listening")
+    return process
+
+
+def build_ceiling_relay(work: Path) -> Path | None:
+    """bench/ceiling_relay.c compiled into `work`, or None (with the reason) without a compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("bench: no C compiler (apt install gcc): the C relay lines are left out",
+              file=sys.stderr)
+        return None
+    binary = work / "ceiling_relay"
+    subprocess.run([compiler, "-O2", "-pthread", "-o", str(binary),
+                    str(ROOT / "bench" / "ceiling_relay.c")], check=True)
+    return binary
+
+
+def start_ceiling_relay(lab: Lab, binary: Path, mode: str) -> subprocess.Popen[bytes]:
+    """The C relay on the POP3 port: what a proxy in user space costs with no Python at all."""
+    process = lab.spawn(lab.gateway, [str(binary), mode, "10110"], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != b"listening":
+        raise SystemExit("bench: the C relay did not start")
     return process
 
 
@@ -192,18 +217,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert sender is not None
 
         results: dict[str, dict[str, Round]] = {}
-        # Each path: its name and the proxy's (scanning, scan_ahead), or None for the relay.
-        paths: tuple[tuple[str, tuple[bool, str] | None], ...] = (
-            ("tcprelay (no protocol)", None), ("proxy, scanning off", (False, "off")),
-            ("proxy, scanning on (clamd)", (True, "off")),
-            ('  the same, scan_ahead = "top"', (True, "top")),
-            ('  the same, scan_ahead = "retr"', (True, "retr")))
+        # Each path: its name and what starts it in the gateway.
+        paths: list[tuple[str, Callable[[], subprocess.Popen[bytes]]]] = []
+        ceiling = build_ceiling_relay(work)
+        if ceiling is not None:
+            paths += [(f"C relay, {mode}", functools.partial(start_ceiling_relay, lab, ceiling,
+                                                             mode)) for mode in ("copy", "splice")]
+        paths += [("tcprelay (no protocol)", functools.partial(start_relay, lab))]
+        paths += [(name, functools.partial(start_proxy, lab, work, scanning, ahead))
+                  for name, scanning, ahead in (
+                      ("proxy, scanning off", False, "off"),
+                      ("proxy, scanning on (clamd)", True, "off"),
+                      ('  the same, scan_ahead = "top"', True, "top"),
+                      ('  the same, scan_ahead = "retr"', True, "retr"))]
         for _round in range(args.rounds):
             for user in MAILBOXES:
                 keep_best(results, "direct", user, fetch_all(lab, user, bypass_address(4)))
-            for name, proxy in paths:
-                process = (start_relay(lab) if proxy is None
-                           else start_proxy(lab, work, *proxy))
+            for name, start in paths:
+                process = start()
                 try:
                     for user in MAILBOXES:
                         keep_best(results, name, user, fetch_all(lab, user, sender))
@@ -216,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"POP3 RETR with poplib, router lab, best of {args.rounds} (paths in turn): "
               f"{args.messages} x {size // 1024} KiB and {args.small} x 5 KB")
         print(f"{'path':30} {'MB/s':>8} {'ratio':>6} {'msg/s (5 KB)':>13} {'ratio':>6}")
-        for name in ["direct", *(name for name, _proxy in paths), "clamd alone (no POP3)"]:
+        for name in ["direct", *(name for name, _start in paths), "clamd alone (no POP3)"]:
             big, small = results[name]["big"], results[name]["small"]
             print(f"{name:30} {big.mb_per_s:8.1f} {big.mb_per_s / direct['big'].mb_per_s:6.2f} "
                   f"{small.messages_per_s:13.0f} "
