@@ -9,9 +9,10 @@ Run it as `python -m proxies.tcprelay --port 10025 --port 10110 --json-events` (
 relay`): one JSON line per event on stdout, "listening" once, then "intercepted" and "closed"
 for each connection.
 
-Bytes move with asyncio Protocols, not a read/write loop: data_received hands each chunk
-straight to the other transport's write(), which sends at once when the socket has room, and
-the transports' flow control (pause_writing -> pause the other side's reading) bounds memory.
+Bytes move with asyncio Protocols, not a read/write loop: each read (into the one buffer of
+`proxies.receivebuffer`) goes straight to the other transport's write(), which sends at once
+when the socket has room, and the transports' flow control (pause_writing -> pause the other
+side's reading) bounds memory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
+from proxies.receivebuffer import receive_buffer
 from proxies.transparent import (
     Address,
     ConnectionInfo,
@@ -63,7 +65,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class _Side(asyncio.Protocol):
+class _Side(asyncio.BufferedProtocol):
     """One socket of a relayed connection; what it reads is written to the other side."""
 
     def __init__(self, name: str) -> None:
@@ -79,6 +81,14 @@ class _Side(asyncio.Protocol):
         # A cast, not an isinstance check: uvloop's transports do not derive from asyncio's.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # A copy: the other transport keeps what it cannot send at once, and the buffer is
+        # the next read's.
+        self.data_received(bytes(receive_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)

@@ -206,7 +206,7 @@ class ClientReader:
         self._discarding = False
         self.max_line = max_line
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         if data:
             self._buffer += data
         else:
@@ -291,7 +291,7 @@ class ServerReader:
         self._events: deque[ServerEvent] = deque()
         self.max_line = max_line
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         if data:
             self._buffer += data
         else:

@@ -1,8 +1,9 @@
-"""One socket of a POP3 session as an asyncio.Protocol: bytes go straight into the codec.
+"""One socket of a POP3 session as an asyncio.BufferedProtocol: bytes go straight into the codec.
 
 Why not asyncio streams: a StreamReader copies every chunk into its own buffer, and each
 response then costs the session a task switch per read; at 5 KB messages that was half the
-proxy's time. Here `data_received` feeds the codec's reader (`proxies.pop3.codec`) and then
+proxy's time. Here each read (into `proxies.receivebuffer`'s buffer, not a new one per read)
+feeds the codec's reader (`proxies.pop3.codec`) and then
 calls the session back (`listener`), so the session's layer (`proxies.pop3.layer`) is
 stepped in the callback, with no task switch.
 
@@ -20,17 +21,19 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from proxies.receivebuffer import receive_buffer
+
 __all__ = ["CodecReader", "Link"]
 
 
 class CodecReader(Protocol):
-    def receive_data(self, data: bytes) -> None: ...
+    def receive_data(self, data: bytes | memoryview) -> None: ...
 
     @property
     def buffered(self) -> int: ...
 
 
-class Link(asyncio.Protocol):
+class Link(asyncio.BufferedProtocol):
     def __init__(self, reader: CodecReader, max_buffer: int = 1 << 20,
                  on_made: Callable[[Link], None] | None = None) -> None:
         self.reader = reader
@@ -60,10 +63,17 @@ class Link(asyncio.Protocol):
         if self._on_made is not None:
             self._on_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(receive_buffer()[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """`data`: valid only until we return (the shared buffer); the reader copies it."""
         raw = self.raw
         if raw is not None:
-            raw(data)
+            raw(bytes(data))  # the other transport may keep what it cannot send yet
             return
         self.reader.receive_data(data)
         if self.reader.buffered > self.max_buffer and not self.read_paused:

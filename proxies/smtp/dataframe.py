@@ -277,7 +277,7 @@ class DataReader:
         """Octets received so far, including those dropped and any leftover."""
         return self._base + len(self._buffer)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         if self._done:
             raise LocalProtocolError("DATA already complete; leftover data goes elsewhere")
         if self._eof:

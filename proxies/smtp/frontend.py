@@ -38,6 +38,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from proxies import logs, metrics
 from proxies.config import SmtpConfig
+from proxies.receivebuffer import receive_buffer
 from proxies.smtp.errors import RemoteProtocolError
 from proxies.smtp.handler import ClientInfo, format_hostport
 from proxies.smtp.reply import Reply, ReplyReader
@@ -120,8 +121,11 @@ def parse_reply(text: str) -> Reply:
     return reply
 
 
-class SmtpConnection(asyncio.Protocol):
-    """One client: bytes to the core, events to the handler, replies back in one write."""
+class SmtpConnection(asyncio.BufferedProtocol):
+    """One client: bytes to the core, events to the handler, replies back in one write.
+
+    It reads into `proxies.receivebuffer`'s buffer (a BufferedProtocol), not a new 256 KiB
+    one per read: the core and its DATA reader copy what they keep before we return."""
 
     def __init__(self, front: MailgateFrontEnd, connection_id: str) -> None:
         self.front = front
@@ -187,7 +191,14 @@ class SmtpConnection(asyncio.Protocol):
         self.front.tasks.add(self._task)
         self._task.add_done_callback(self.front.tasks.discard)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(receive_buffer()[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """`data`: valid only until we return (see the class)."""
         if self._closed or self._tls_phase == "requested":
             return
         if self._tls_phase == "handshake":

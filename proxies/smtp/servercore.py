@@ -616,7 +616,7 @@ class ServerCore:
 
     # --- the driver's calls -------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Bytes from the client; b"" when it closed its side."""
         if self._state is _State.CLOSED:
             return
