@@ -75,8 +75,8 @@ class SmtpConfig:
     # SMTP acceptor processes: one per core by default (aiosmtpd's parsing is CPU-bound and
     # a single process cannot use a second core).
     workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
-    # "mailgate": our sans-I/O core on an asyncio.Protocol; "aiosmtpd": aiosmtpd's own SMTP
-    # class through its public API, the reference the differential tests hold ours against.
+    # "mailgate": our sans-I/O core on an asyncio.BufferedProtocol; "aiosmtpd": aiosmtpd's own
+    # SMTP class through its public API, the reference the differential tests hold ours against.
     frontend: str = "mailgate"
     # Recipient verification (proxies.smtp.verify; Postfix's reject_unverified_recipient):
     # RCPT for our domains is answered with what the next hop says of the recipient.

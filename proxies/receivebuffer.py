@@ -8,9 +8,12 @@ way, against 5 us with `recv_into` a buffer that stays; a 5 KB POP3 RETR through
 costs two or three reads.
 
 One buffer serves every connection because asyncio calls `buffer_updated` right after it has
-filled the buffer, before any other read: a protocol must copy out what it keeps before it
-returns (the POP3 codecs append to their own bytearrays; the byte relay hands `bytes` on,
-since a transport may keep what it could not send yet).
+filled the buffer. The rule for a protocol: copy what it keeps *before it calls anything else*
+(the POP3 codecs append to their own bytearrays; the byte relay hands `bytes` on, since a
+transport may keep what it could not send yet). Copying before returning is not enough:
+closing an asyncio TLS transport (3.11 sslproto: close -> _do_flush -> _do_read) delivers
+that transport's decrypted bytes at once, into this same buffer, so a callback that closed
+one would overwrite the view its caller still holds.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The SMTP front end: one asyncio.Protocol per connection driving the sans-I/O server core.
+"""The SMTP front end: one asyncio.BufferedProtocol per connection driving the sans-I/O server core.
 
 The core (`proxies.smtp.servercore`) holds the protocol; this module is the edge: it feeds the
 core the bytes that arrive, answers each command event through the policy handler (the same
@@ -158,7 +158,7 @@ class SmtpConnection(asyncio.BufferedProtocol):
         # of a shared counter per reply would cost more than the rest of this bookkeeping.
         self.replies = metrics.new_reply_counts()
 
-    # --- asyncio.Protocol ---------------------------------------------------------------------
+    # --- asyncio.BufferedProtocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not an isinstance check: uvloop's transports do not derive from asyncio's classes.

@@ -4,7 +4,7 @@ the `250`.
 
 It speaks aiosmtpd's handler API (`handle_EHLO`, `handle_MAIL`, `handle_RCPT`, `handle_DATA`
 with aiosmtpd's `Envelope` and `Session`), so the same handler runs under our own front end
-(`proxies.smtp.frontend`, the sans-I/O core on an asyncio.Protocol) and, unchanged, under
+(`proxies.smtp.frontend`, the sans-I/O core on an asyncio.BufferedProtocol) and, unchanged, under
 aiosmtpd's own SMTP class (`proxies.smtp.reference`), which the differential tests compare it
 with. It asks nothing of the front end but `server.hostname`, `server.transport` and, when the
 front end provides it, `session.mailgate_client`.

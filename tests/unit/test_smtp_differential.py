@@ -1,13 +1,13 @@
 """Differential test of the two SMTP front ends (issue 10 item 4), loopback tier.
 
 Our front end (`proxies.smtp.frontend.MailgateFrontEnd`, the sans-I/O core on an
-asyncio.Protocol) and the reference (`proxies.smtp.reference.AiosmtpdFrontEnd`, aiosmtpd's own
-SMTP class) each listen on a loopback port of their own, with the real `GatewayHandler`, a real
-`Queue` in tmp_path and a filter that passes everything. The same scripted transcripts, each a
-list of (bytes to send, replies to expect), are played through both; every reply is reduced to
-code, enhanced status code and first words, and the two must be equal except where
-`DIFFERENCES` below says why not. What got queued (sender, recipients, body, the envelope's
-flags and our Received: field) must be equal too.
+asyncio.BufferedProtocol) and the reference (`proxies.smtp.reference.AiosmtpdFrontEnd`,
+aiosmtpd's own SMTP class) each listen on a loopback port of their own, with the real
+`GatewayHandler`, a real `Queue` in tmp_path and a filter that passes everything. The same
+scripted transcripts, each a list of (bytes to send, replies to expect), are played through
+both; every reply is reduced to code, enhanced status code and first words, and the two must be
+equal except where `DIFFERENCES` below says why not. What got queued (sender, recipients, body,
+the envelope's flags and our Received: field) must be equal too.
 
 Only 127.0.0.1 is used, and only the client side is scripted: no namespaces, no root. The
 client is a plain asyncio stream that reads line by line, so it compares what is said, not how

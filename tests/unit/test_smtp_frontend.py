@@ -153,6 +153,35 @@ def test_greeting_then_one_write_per_reply() -> None:
     asyncio.run(run())
 
 
+def test_reads_into_the_shared_buffer_are_taken_before_the_next_read() -> None:
+    """As asyncio reads (get_buffer, buffer_updated), with the buffer overwritten by the next
+    read at once (proxies/receivebuffer.py): the commands and the message are what was sent."""
+    async def run() -> None:
+        talk = await converse()
+
+        async def read(data: bytes) -> list[bytes]:
+            before = len(talk.transport.writes)
+            view = memoryview(talk.connection.get_buffer(-1))
+            view[:len(data)] = data
+            talk.connection.buffer_updated(len(data))
+            view[:len(data)] = b"\xff" * len(data)
+            for _ in range(20):
+                await asyncio.sleep(0)
+            return talk.transport.writes[before:]
+
+        (ehlo,) = await read(b"EHLO client.example\r\nMAIL FROM:<a@sender.example>\r\n"
+                             b"RCPT TO:<b@exa")
+        assert ehlo.endswith(b"\r\n250 2.1.0 Ok\r\n")
+        assert await read(b"mple.com>\r\nDATA\r\n") == [
+            b"250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"]
+        await read(b"Subject: x\r\n\r\nfirst ")
+        assert await read(b"line\r\n.\r\n") == [b"250 2.0.0 Ok: queued as TEST1\r\n"]
+        assert talk.handler.messages == [("a@sender.example", ["b@example.com"],
+                                          b"Subject: x\r\n\r\nfirst line\r\n")]
+
+    asyncio.run(run())
+
+
 def test_a_pipelined_group_gets_its_replies_in_one_write() -> None:
     async def run() -> None:
         talk = await converse()
