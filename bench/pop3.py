@@ -252,6 +252,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:30} {big.mb_per_s:8.1f} {big.mb_per_s / direct['big'].mb_per_s:6.2f} "
                   f"{small.messages_per_s:13.0f} "
                   f"{small.messages_per_s / direct['small'].messages_per_s:6.2f}")
+        off = results["proxy, scanning off"]
+        if "C relay, copy" in results:
+            # The hop's own cost taken out: the best C relay is what no proxy in user space
+            # can beat on this machine.
+            ceiling = {user: min(results[f"C relay, {mode}"][user].seconds
+                                 for mode in ("copy", "splice")) for user in MAILBOXES}
+            print(f"scanning off against the faster C relay (the hop itself): "
+                  f"{ceiling['big'] / off['big'].seconds:.2f} (100 KiB), "
+                  f"{ceiling['small'] / off['small'].seconds:.2f} (5 KB); the C relay against "
+                  f"direct: {direct['big'].seconds / ceiling['big']:.2f}, "
+                  f"{direct['small'].seconds / ceiling['small']:.2f}")
         scanned, clamd = results["proxy, scanning on (clamd)"], results["clamd alone (no POP3)"]
         top, retr = (results[f'  the same, scan_ahead = "{mode}"'] for mode in ("top", "retr"))
         for user in MAILBOXES:
