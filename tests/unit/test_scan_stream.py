@@ -141,6 +141,27 @@ def clamd_at(path: Path, max_size: int = 1 << 24, timeout: float = 5.0) -> Clamd
                                      max_size=max_size, concurrency=1))
 
 
+class SlowClamd:
+    """A clamd slow in ways a real one is not on demand: its n-th session waits `waits[n]`
+    seconds after the end marker, then answers OK, or closes unanswered where `answers[n]`
+    is False."""
+
+    def __init__(self, waits: tuple[float, ...], answers: tuple[bool, ...]) -> None:
+        self.waits, self.answers = waits, answers
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = self.connections
+        self.connections += 1
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\0\0\0\0")  # zIDSESSION, zINSTREAM, ..., the end marker
+            await asyncio.sleep(self.waits[n])
+            if self.answers[n]:
+                writer.write(b"1: stream: OK\0")
+                await writer.drain()
+        writer.close()
+
+
 def test_a_clamd_stream_to_no_clamd_is_the_whole_scan_s_failure(tmp_path: Path) -> None:
     async def main() -> tuple[ScanResult, ScanResult]:
         client = clamd_at(tmp_path / "nowhere.sock")
@@ -224,22 +245,10 @@ def test_a_clamd_stream_and_its_whole_scan_share_one_timeout(tmp_path: Path) -> 
     (faults a real clamd does not make on demand): the verdict still comes within [scan]
     timeout of the message's end, not twice that."""
     path = tmp_path / "late.sock"
-    connections = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        first = connections == 1
-        with contextlib.suppress(Exception):
-            await reader.readuntil(b"\0\0\0\0")  # zIDSESSION, zINSTREAM, ..., the end marker
-            await asyncio.sleep(0.6)
-            if not first:
-                writer.write(b"1: stream: OK\0")
-                await writer.drain()
-        writer.close()
+    clamd = SlowClamd(waits=(0.6, 0.6), answers=(False, True))
 
     async def main() -> tuple[float, ScanResult]:
-        server = await asyncio.start_unix_server(serve, path=str(path))
+        server = await asyncio.start_unix_server(clamd.serve, path=str(path))
         client = clamd_at(path, timeout=1.0)
         stream = client.stream()
         assert stream is not None
@@ -252,7 +261,7 @@ def test_a_clamd_stream_and_its_whole_scan_share_one_timeout(tmp_path: Path) -> 
         return took, result
 
     took, result = asyncio.run(main())
-    assert connections == 2  # the stream's, then the whole scan's
+    assert clamd.connections == 2  # the stream's, then the whole scan's
     assert result.verdict == "failed" and result.timed_out, result
     assert took < 1.3, took
 
@@ -327,21 +336,10 @@ def test_a_clamd_stream_cancelled_while_it_finishes_scans_the_message_whole(
     """cancel() while finish() waits for the stream's reply gives the caller a verdict (the
     whole scan's), not the stream's CancelledError as though the caller had been cancelled."""
     path = tmp_path / "slow.sock"
-    connections = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        first = connections == 1
-        with contextlib.suppress(Exception):
-            await reader.readuntil(b"\0\0\0\0")
-            await asyncio.sleep(5 if first else 0)  # the stream's scan is the slow one
-            writer.write(b"1: stream: OK\0")
-            await writer.drain()
-            await reader.read()
+    clamd = SlowClamd(waits=(5.0, 0.0), answers=(True, True))  # the stream's scan is slow
 
     async def main() -> ScanResult:
-        server = await asyncio.start_unix_server(serve, path=str(path))
+        server = await asyncio.start_unix_server(clamd.serve, path=str(path))
         # Two slots: the cancelled stream keeps its own while clamd still scans (b8e765b).
         client = ClamdClient(ScannerConfig(SocketAddress(path=path), timeout=2.0,
                                            max_size=1 << 24, concurrency=2))
@@ -358,4 +356,4 @@ def test_a_clamd_stream_cancelled_while_it_finishes_scans_the_message_whole(
 
     result = asyncio.run(main())
     assert result.verdict == "clean", result
-    assert connections == 2
+    assert clamd.connections == 2
