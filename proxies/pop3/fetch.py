@@ -165,6 +165,12 @@ class Fetching(ScanningAhead):
         elif ahead is not None:
             result = ahead.result or (
                 yield from self._scan_result(ahead.token, ahead.started, held))
+            if result.verdict == "failed" and not (result.timed_out or result.oversize):
+                # The copy was scanned before the client asked, so a scanner that failed then
+                # (restarting, refusing a connection) gets the same second chance the RETR's
+                # own scan would have had now. Not after a timeout: that would double the
+                # wait; nor for a message too large to scan, which stays too large.
+                result = yield from self._scan(spool.getvalue(), held)
         else:
             token, held.stream = held.stream, None
             result = yield from self._scan(spool.getvalue(), held, token)

@@ -1150,3 +1150,32 @@ def test_a_message_longer_than_its_listed_size_is_not_kept_ahead() -> None:
     assert script.took() == []  # nothing scanned, nothing kept
     script.client(b"RETR 2\r\n")
     assert script.took_server() == b"RETR 2\r\n"  # asked again
+
+
+def test_a_copy_whose_scan_failed_is_scanned_again_when_the_client_asks() -> None:
+    """A scanner that failed while the copy was scanned ahead (clamd restarting) gets the
+    chance the RETR's own scan would have had: the client gets the message, not -ERR."""
+    for mode in ("retr", "top"):
+        script = Script(scanning=True, scan_ahead=mode)
+        scan = scanned_ahead(script, b"RETR 2\r\n" if mode == "retr"
+                             else b"TOP 2 %d\r\n" % len(SECOND))
+        script.event(ScanDone(FAILED, scan.token))
+        script.client(b"RETR 2\r\n")
+        if mode == "top":
+            assert script.took_server() == b"RETR 2\r\n"
+            script.server(retr_response(SECOND))
+        (again,) = [c for c in script.took() if isinstance(c, Scan)]
+        assert again.content == SECOND and again.token != scan.token
+        assert script.took_client() == b""
+        script.event(ScanDone(CLEAN, again.token))
+        assert script.took_client() == retr_response(SECOND), mode
+
+
+def test_a_copy_whose_scan_timed_out_is_not_scanned_again() -> None:
+    script = Script(scanning=True, scan_ahead="retr")
+    scan = scanned_ahead(script)
+    script.event(ScanDone(ScanResult("failed", reason="scan timed out", timed_out=True),
+                          scan.token))
+    script.client(b"RETR 2\r\n")
+    assert not any(isinstance(c, Scan) for c in script.took())
+    assert script.took_client().startswith(b"-ERR [SYS/TEMP]")
