@@ -165,12 +165,16 @@ class Fetching(ScanningAhead):
         elif ahead is not None:
             result = ahead.result or (
                 yield from self._scan_result(ahead.token, ahead.started, held))
-            if result.verdict == "failed" and not (result.timed_out or result.oversize):
+            if (result.verdict == "failed" and not (result.timed_out or result.oversize)
+                    and self.now < started + self.config.scan_timeout):
                 # The copy was scanned before the client asked, so a scanner that failed then
                 # (restarting, refusing a connection) gets the same second chance the RETR's
-                # own scan would have had now. Not after a timeout: that would double the
-                # wait; nor for a message too large to scan, which stays too large.
-                result = yield from self._scan(spool.getvalue(), held)
+                # own scan would have had now, within what is left of that scan's time from
+                # the client's RETR: never a second scan_timeout. Not after a timeout, nor for
+                # a message too large to scan, which stays too large.
+                logs.event("pop3_scan_again", id=self.setup.ident, command=command.loggable(),
+                           reason=result.reason)
+                result = yield from self._scan(spool.getvalue(), held, since=started)
         else:
             token, held.stream = held.stream, None
             result = yield from self._scan(spool.getvalue(), held, token)
@@ -319,13 +323,14 @@ class Fetching(ScanningAhead):
         self._to_client(b"".join(out))
         held.keepalive.status_sent = True  # what follows is past any -ERR
 
-    def _scan(self, content: bytes, held: Held,
-              token: int | None = None) -> Generator[Wait, Any, ScanResult]:
-        """The verdict on `content`: a new scan, or the end of the stream `token`."""
+    def _scan(self, content: bytes, held: Held, token: int | None = None,
+              since: float | None = None) -> Generator[Wait, Any, ScanResult]:
+        """The verdict on `content`: a new scan, or the end of the stream `token`, within
+        scan_timeout of `since` (now if None)."""
         if token is None:
             token = next(self._tokens)
         self._emit(Scan(content, token))
-        return (yield from self._scan_result(token, self.now, held))
+        return (yield from self._scan_result(token, self.now if since is None else since, held))
 
     def _scan_result(self, token: int, started: float,
                      held: Held) -> Generator[Wait, Any, ScanResult]:

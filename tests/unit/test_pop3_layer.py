@@ -1179,3 +1179,37 @@ def test_a_copy_whose_scan_timed_out_is_not_scanned_again() -> None:
     script.client(b"RETR 2\r\n")
     assert not any(isinstance(c, Scan) for c in script.took())
     assert script.took_client().startswith(b"-ERR [SYS/TEMP]")
+
+
+def test_the_second_scan_of_a_copy_ends_within_scan_timeout_of_the_client_s_retr() -> None:
+    """A copy's scan that fails late (a scanner that refused at once beside one that took
+    its time) leaves its second scan only what is left of scan_timeout since the client's
+    RETR: the client never waits two timeouts. A failure at the deadline gets none."""
+    script = Script(scanning=True, scan_ahead="retr")  # scan_timeout 120 s
+    scan = scanned_ahead(script)
+    script.client(b"RETR 2\r\n")  # at 0 s, while the copy is still being scanned
+    script.at(119.0)
+    script.took_client()  # the keep-alive's
+    script.event(ScanDone(FAILED, scan.token))
+    (again,) = [c for c in script.took() if isinstance(c, Scan)]
+    script.at(120.0)
+    assert CancelScan(again.token) in script.took()
+    assert script.layer.finished  # past the status line: cut off, the message stays
+
+    late = Script(scanning=True, scan_ahead="retr")
+    scan = scanned_ahead(late)
+    late.client(b"RETR 2\r\n")
+    late.now = 120.0  # the failure comes just as the time is up
+    late.event(ScanDone(FAILED, scan.token))
+    assert not any(isinstance(c, Scan) for c in late.took())
+
+
+def test_a_copy_scanned_again_that_fails_again_is_not_scanned_a_third_time() -> None:
+    script = Script(scanning=True, scan_ahead="retr")
+    scan = scanned_ahead(script)
+    script.event(ScanDone(FAILED, scan.token))
+    script.client(b"RETR 2\r\n")
+    (again,) = [c for c in script.took() if isinstance(c, Scan)]
+    script.event(ScanDone(FAILED, again.token))
+    assert not any(isinstance(c, Scan) for c in script.took())
+    assert script.took_client().startswith(b"-ERR [SYS/TEMP]")
