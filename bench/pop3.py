@@ -256,13 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "C relay, copy" in results:
             # The hop's own cost taken out: the best C relay is what no proxy in user space
             # can beat on this machine.
-            ceiling = {user: min(results[f"C relay, {mode}"][user].seconds
-                                 for mode in ("copy", "splice")) for user in MAILBOXES}
+            hop = {user: min(results[f"C relay, {mode}"][user].seconds
+                             for mode in ("copy", "splice")) for user in MAILBOXES}
             print(f"scanning off against the faster C relay (the hop itself): "
-                  f"{ceiling['big'] / off['big'].seconds:.2f} (100 KiB), "
-                  f"{ceiling['small'] / off['small'].seconds:.2f} (5 KB); the C relay against "
-                  f"direct: {direct['big'].seconds / ceiling['big']:.2f}, "
-                  f"{direct['small'].seconds / ceiling['small']:.2f}")
+                  f"{hop['big'] / off['big'].seconds:.2f} (100 KiB), "
+                  f"{hop['small'] / off['small'].seconds:.2f} (5 KB); the C relay against "
+                  f"direct: {direct['big'].seconds / hop['big']:.2f}, "
+                  f"{direct['small'].seconds / hop['small']:.2f}")
         scanned, clamd = results["proxy, scanning on (clamd)"], results["clamd alone (no POP3)"]
         top, retr = (results[f'  the same, scan_ahead = "{mode}"'] for mode in ("top", "retr"))
         for user in MAILBOXES:

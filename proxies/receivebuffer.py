@@ -18,9 +18,10 @@ one would overwrite the view its caller still holds.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
-__all__ = ["SIZE", "receive_buffer"]
+__all__ = ["SIZE", "SharedBufferProtocol", "receive_buffer"]
 
 # asyncio's own read size for Protocols (selector_events.max_size).
 SIZE = 256 * 1024
@@ -35,3 +36,17 @@ def receive_buffer() -> memoryview:
     except AttributeError:
         view = _local.view = memoryview(bytearray(SIZE))
     return view
+
+
+class SharedBufferProtocol(asyncio.BufferedProtocol):
+    """A protocol that reads into this thread's buffer: each read reaches `data_received` as
+    a memoryview of it, which the subclass copies from before it calls anything else."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(receive_buffer()[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError

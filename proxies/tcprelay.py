@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
-from proxies.receivebuffer import receive_buffer
+from proxies.receivebuffer import SharedBufferProtocol
 from proxies.transparent import (
     Address,
     ConnectionInfo,
@@ -65,7 +65,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class _Side(asyncio.BufferedProtocol):
+class _Side(SharedBufferProtocol):
     """One socket of a relayed connection; what it reads is written to the other side."""
 
     def __init__(self, name: str) -> None:
@@ -82,15 +82,10 @@ class _Side(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return receive_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # A copy: the other transport keeps what it cannot send at once, and the buffer is
-        # the next read's.
-        self.data_received(bytes(receive_buffer()[:nbytes]))
-
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
+        # A copy: the other transport keeps what it cannot send at once, and the shared
+        # buffer is the next read's.
+        data = bytes(data)
         self.received += len(data)
         other = self.other
         relayed = self.relayed

@@ -3,9 +3,8 @@
 Why not asyncio streams: a StreamReader copies every chunk into its own buffer, and each
 response then costs the session a task switch per read; at 5 KB messages that was half the
 proxy's time. Here each read (into `proxies.receivebuffer`'s buffer, not a new one per read)
-feeds the codec's reader (`proxies.pop3.codec`) and then
-calls the session back (`listener`), so the session's layer (`proxies.pop3.layer`) is
-stepped in the callback, with no task switch.
+feeds the codec's reader (`proxies.pop3.codec`) and then calls the session back (`listener`),
+so the session's layer (`proxies.pop3.layer`) is stepped in the callback, with no task switch.
 
 Flow control bounds memory both ways: a reader whose codec holds more than `max_buffer`
 unread octets stops reading from its socket until the session has taken them (`consumed`),
@@ -21,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from proxies.receivebuffer import receive_buffer
+from proxies.receivebuffer import SharedBufferProtocol
 
 __all__ = ["CodecReader", "Link"]
 
@@ -33,7 +32,7 @@ class CodecReader(Protocol):
     def buffered(self) -> int: ...
 
 
-class Link(asyncio.BufferedProtocol):
+class Link(SharedBufferProtocol):
     def __init__(self, reader: CodecReader, max_buffer: int = 1 << 20,
                  on_made: Callable[[Link], None] | None = None) -> None:
         self.reader = reader
@@ -63,14 +62,8 @@ class Link(asyncio.BufferedProtocol):
         if self._on_made is not None:
             self._on_made(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return receive_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(receive_buffer()[:nbytes])
-
     def data_received(self, data: bytes | memoryview) -> None:
-        """`data`: valid only until we return (the shared buffer); the reader copies it."""
+        """`data`: the shared buffer's (SharedBufferProtocol); the reader copies it first."""
         raw = self.raw
         if raw is not None:
             raw(bytes(data))  # the other transport may keep what it cannot send yet

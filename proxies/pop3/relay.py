@@ -181,7 +181,7 @@ class ResponseRelay:
         self.started = False  # part of the response went to the client
         # Listings teach each message's UIDL (the scan cache's key) or size (scan_ahead's).
         self._learn = {"UIDL": facts.learn_uidl, "LIST": facts.learn_size}.get(command.verb)
-        self._tail = b""  # an unfinished line of a UIDL listing
+        self._tail = b""  # an unfinished line of the listing
 
     def step(self) -> RelayStep:
         out: list[bytes] = []

@@ -38,7 +38,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from proxies import logs, metrics
 from proxies.config import SmtpConfig
-from proxies.receivebuffer import receive_buffer
+from proxies.receivebuffer import SharedBufferProtocol
 from proxies.smtp.errors import RemoteProtocolError
 from proxies.smtp.handler import ClientInfo, format_hostport
 from proxies.smtp.reply import Reply, ReplyReader
@@ -121,11 +121,11 @@ def parse_reply(text: str) -> Reply:
     return reply
 
 
-class SmtpConnection(asyncio.BufferedProtocol):
+class SmtpConnection(SharedBufferProtocol):
     """One client: bytes to the core, events to the handler, replies back in one write.
 
-    It reads into `proxies.receivebuffer`'s buffer (a BufferedProtocol), not a new 256 KiB
-    one per read: the core and its DATA reader copy what they keep before we return."""
+    It reads into `proxies.receivebuffer`'s buffer, not a new 256 KiB one per read: the core
+    and its DATA reader copy what they keep first."""
 
     def __init__(self, front: MailgateFrontEnd, connection_id: str) -> None:
         self.front = front
@@ -191,14 +191,8 @@ class SmtpConnection(asyncio.BufferedProtocol):
         self.front.tasks.add(self._task)
         self._task.add_done_callback(self.front.tasks.discard)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return receive_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(receive_buffer()[:nbytes])
-
     def data_received(self, data: bytes | memoryview) -> None:
-        """`data`: valid only until we return (see the class)."""
+        """`data`: the shared buffer's (see the class)."""
         if self._closed or self._tls_phase == "requested":
             return
         if self._tls_phase == "handshake":
